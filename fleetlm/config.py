@@ -1,0 +1,121 @@
+"""Engine configuration: frozen dataclasses, derived values as properties.
+
+``EngineArgs`` is what users pass (``LLM(model, **kwargs)``); unknown keyword arguments are an
+error, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """Resolve ``dtype`` ("auto" = bf16 where the device does it well, else fp32)."""
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    elif dtype == "auto":
+        out = torch.bfloat16 if device == "cuda" or _cpu_has_fast_bf16() else torch.float32
+    elif dtype in _DTYPES:
+        out = _DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of: auto, {', '.join(sorted(set(_DTYPES)))}")
+    if device == "cpu" and out == torch.float16:
+        raise ValueError("dtype float16 is not supported on the CPU (no fast fp16 matmul); use bfloat16 or float32")
+    if device == "cuda" and out == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError("dtype bfloat16 is not supported on this GPU; use float16 or float32")
+    return out
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        return "bf16" in torch.backends.cpu.get_cpu_capability().lower() or _cpuinfo_has("avx512_bf16")
+    except Exception:
+        return False
+
+
+def _cpuinfo_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read()
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything a user can set. Validated in ``__post_init__``."""
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None  # default: the model's context length, capped at 8192
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV cache on CPU (default 2 GiB)
+    gpu_memory_utilization: float = 0.9  # fraction of free CUDA memory for weights + KV
+    num_kv_blocks: int | None = None  # override the budget (tests: force preemption)
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    num_threads: int | None = None  # CPU intra-op threads (default: all cores)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA device is available")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}; accepted: {', '.join(sorted(names))}")
+        return cls(model=model, **kwargs)
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool
+
+    @property
+    def max_tokens(self) -> int:
+        return self.block_size * self.num_blocks

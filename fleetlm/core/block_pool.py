@@ -1,0 +1,116 @@
+"""Fixed-size KV blocks with reference counts, an LRU free list and a hash-keyed prefix cache.
+
+Invariants (checked by the unit tests):
+- A block is in the free list iff its ``ref_cnt`` is 0. ``num_free_blocks`` counts exactly those.
+- A free block may still carry a ``block_hash``: it stays hittable until it is handed out again,
+  at which moment it is evicted from the cache map (LRU: the least recently freed goes first).
+- The cache map holds at most one block per hash; a hit is only a hit if the block's stored
+  parent hash and token ids equal the request's (the hash alone is never trusted).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+def hash_block(parent_hash: int | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> int:
+    """Chain hash of one full block: it covers every token before it through ``parent_hash``."""
+    return hash((parent_hash, tuple(token_ids), extra_keys))
+
+
+@dataclass(eq=False)
+class KVCacheBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: int | None = None
+    parent_hash: int | None = None
+    token_ids: tuple[int, ...] | None = None  # kept for the token check on a hit
+
+    def reset_hash(self) -> None:
+        self.block_hash = self.parent_hash = self.token_ids = None
+
+
+class BlockPool:
+    """Owns every KV block id in ``[0, num_blocks)``."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[int, KVCacheBlock] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    # -- prefix cache interface: match / touch (lock) / insert / evict -------------------------
+    def match(self, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]) -> KVCacheBlock | None:
+        """The cached block for this hash, only if its parent hash and tokens really match."""
+        block = self._cached.get(block_hash)
+        if block is None or block.parent_hash != parent_hash or block.token_ids != tuple(token_ids):
+            return None
+        return block
+
+    def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Take a reference on each block (a prefix hit); a free block leaves the free list."""
+        for b in blocks:
+            if b.ref_cnt == 0:
+                del self._free[b.block_id]
+            b.ref_cnt += 1
+
+    def insert(self, block: KVCacheBlock, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]) -> None:
+        """Make a full, computed block hittable. First writer wins for a duplicate hash."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        if block_hash in self._cached:
+            return
+        block.block_hash, block.parent_hash, block.token_ids = block_hash, parent_hash, tuple(token_ids)
+        self._cached[block_hash] = block
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        if block.block_hash is not None:
+            if self._cached.get(block.block_hash) is block:
+                del self._cached[block.block_hash]
+                self.num_evictions += 1
+            block.reset_hash()
+
+    # -- allocation -------------------------------------------------------------------------
+    def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
+        """Pop ``n`` blocks from the LRU end of the free list (evicting their cache entries)."""
+        if n > len(self._free):
+            raise ValueError(f"cannot allocate {n} blocks: only {len(self._free)} free")
+        out = []
+        for _ in range(n):
+            _, block = self._free.popitem(last=False)
+            self._evict(block)
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Drop one reference per block; blocks reaching 0 join the free list's MRU end in the
+        order given (so callers pass a request's blocks tail-first: tails are evicted first)."""
+        for b in blocks:
+            assert b.ref_cnt > 0, f"double free of block {b.block_id}"
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                self._free[b.block_id] = b
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; only allowed when no block is in use."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for b in self.blocks:
+            b.reset_hash()
+        self._cached.clear()
+        return True

@@ -1,0 +1,114 @@
+"""Maps requests to KV blocks: prefix-cache lookup, slot allocation and freeing.
+
+Rules:
+- A request's blocks are ``req_to_blocks[request_id]`` in token order; block ``i`` holds tokens
+  ``[i*block_size, (i+1)*block_size)``.
+- A block is inserted in the prefix cache as soon as it is full of tokens whose K/V are written
+  in the step being scheduled (K/V are written for the whole batch before any attention reads,
+  so a later request of the same step may already hit it).
+- A hit never covers the last prompt token: there must be logits to sample from.
+- Requests that need prompt logprobs skip the cache lookup (their logits must be computed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleetlm.core.block_pool import BlockPool, KVCacheBlock, hash_block
+from fleetlm.request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # prompt tokens actually served from the cache (not recomputed)
+
+    def reset(self) -> PrefixCacheStats:
+        out = PrefixCacheStats(self.queries, self.hits)
+        self.queries = self.hits = 0
+        return out
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _update_hashes(self, req: Request, num_tokens: int) -> None:
+        """Extend ``req.block_hashes`` to cover every full block of the first ``num_tokens``."""
+        bs = self.block_size
+        for i in range(len(req.block_hashes), num_tokens // bs):
+            parent = req.block_hashes[i - 1] if i else None
+            req.block_hashes.append(hash_block(parent, req.token_slice(i * bs, (i + 1) * bs)))
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of ``req`` (full blocks only), and how many tokens it covers."""
+        if not self.enable_caching or req.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        bs = self.block_size
+        max_hit_blocks = (req.num_tokens - 1) // bs
+        self._update_hashes(req, max_hit_blocks * bs)
+        hits: list[KVCacheBlock] = []
+        for i in range(max_hit_blocks):
+            parent = req.block_hashes[i - 1] if i else None
+            block = self.pool.match(req.block_hashes[i], parent, req.token_slice(i * bs, (i + 1) * bs))
+            if block is None:
+                break
+            hits.append(block)
+        if req.num_preemptions == 0:
+            self.stats.queries += req.num_prompt_tokens
+            self.stats.hits += len(hits) * bs
+        return hits, len(hits) * bs
+
+    def allocate_slots(
+        self, req: Request, num_new_tokens: int, computed_blocks: list[KVCacheBlock] | None = None
+    ) -> list[KVCacheBlock] | None:
+        """Give ``req`` blocks for ``num_new_tokens`` more tokens after its computed ones (plus
+        any prefix hit in ``computed_blocks``). Returns the new blocks, or ``None`` (and changes
+        nothing) if the pool cannot supply them."""
+        computed_blocks = computed_blocks or []
+        blocks = self.req_to_blocks.setdefault(req.request_id, [])
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        need = self.blocks_needed(total) - len(blocks) - len(computed_blocks)
+        evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks - evictable_hits:
+            if not blocks:
+                del self.req_to_blocks[req.request_id]
+            return None
+        self.pool.touch(computed_blocks)
+        blocks.extend(computed_blocks)
+        new = self.pool.get_new_blocks(max(need, 0))
+        blocks.extend(new)
+        if self.enable_caching:
+            self._cache_full_blocks(req, blocks, total)
+        return new
+
+    def _cache_full_blocks(self, req: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
+        bs = self.block_size
+        self._update_hashes(req, num_tokens)
+        for i in range(num_tokens // bs):
+            if blocks[i].block_hash is None:
+                parent = req.block_hashes[i - 1] if i else None
+                self.pool.insert(blocks[i], req.block_hashes[i], parent, req.token_slice(i * bs, (i + 1) * bs))
+
+    def free(self, req: Request) -> None:
+        """Return all of ``req``'s blocks (tail first, so tails are evicted before shared heads)."""
+        blocks = self.req_to_blocks.pop(req.request_id, [])
+        self.pool.free_blocks(reversed(blocks))
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(request_id, [])]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

@@ -1,0 +1,252 @@
+"""The scheduler: one token budget per step, running requests first, then waiting ones FCFS.
+
+There are no prefill and decode phases. Each request asks for ``num_tokens -
+num_computed_tokens`` tokens (a whole prompt, a chunk of it, or the one new token of a decode),
+capped by what is left of the step's budget; chunked prefill is that cap. Running requests are
+served first, so decodes never wait behind a long prompt. When the KV pool runs dry, the most
+recently admitted running request is preempted (its blocks freed, to be recomputed) and goes
+back to the head of the waiting queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from fleetlm.config import CacheConfig, SchedulerConfig
+from fleetlm.core.kv_cache_manager import KVCacheManager
+from fleetlm.core.sched_output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from fleetlm.request import Request, RequestStatus
+
+
+class KVCacheCapacityError(ValueError):
+    """The request needs more KV blocks than the whole cache has: it can never run here."""
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_preemptions_total: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+class Scheduler:
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig) -> None:
+        self.config = sched
+        self.cache_config = cache
+        self.kv = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._on_workers: set[str] = set()  # requests whose state the workers hold
+        self._finished_ids: set[str] = set()  # to tell the workers next step
+        self.num_preemptions = 0
+
+    # -- admission ----------------------------------------------------------------------------
+    def check_request(self, req: Request) -> None:
+        """Raise ``ValueError`` if ``req`` can never run here (checked before it is queued)."""
+        n, limit = req.num_prompt_tokens, self.config.max_model_len
+        if n == 0:
+            raise ValueError("the prompt is empty: at least one token is required")
+        total = n + req.max_tokens
+        if total > limit:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) = {total} exceeds "
+                f"max_model_len ({limit}); shorten the prompt or lower max_tokens"
+            )
+        need, have = self.kv.blocks_needed(total), self.cache_config.num_blocks
+        if need > have:
+            raise KVCacheCapacityError(
+                f"request needs {need} KV blocks ({total} tokens) but the whole KV cache has "
+                f"{have} blocks ({self.cache_config.max_tokens} tokens); it can never fit"
+            )
+
+    def add_request(self, req: Request) -> None:
+        self.check_request(req)
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            new_blocks = self.kv.allocate_slots(req, n)
+            while new_blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req, n)
+            if new_blocks is None:
+                break
+            self._record(req, n, new_blocks, new_reqs, cached_reqs)
+            num_scheduled[req.request_id] = n
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            n = min(req.num_tokens - num_hit, budget)
+            new_blocks = self.kv.allocate_slots(req, n, hits)
+            if new_blocks is None:
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            req.first_scheduled_time = req.first_scheduled_time or time.monotonic()
+            self.running.append(req)
+            self._record(req, n, new_blocks, new_reqs, cached_reqs)
+            num_scheduled[req.request_id] = n
+            budget -= n
+
+        for req_id, n in num_scheduled.items():
+            self.requests[req_id].num_computed_tokens += n
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self._finished_ids,
+        )
+        self._finished_ids = set()
+        return out
+
+    def _record(self, req: Request, n: int, new_blocks, new_reqs, cached_reqs) -> None:
+        rid = req.request_id
+        if rid in self._on_workers:
+            cached_reqs.append(CachedRequestData(rid, [b.block_id for b in new_blocks], req.num_computed_tokens))
+            return
+        self._on_workers.add(rid)
+        new_reqs.append(
+            NewRequestData(
+                req_id=rid,
+                prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=list(req.output_token_ids),
+                sampling_params=req.sampling_params,
+                block_ids=self.kv.block_ids(rid),
+                num_computed_tokens=req.num_computed_tokens,
+            )
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        self._forget_on_workers(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _forget_on_workers(self, req_id: str) -> None:
+        if req_id in self._on_workers:
+            self._on_workers.discard(req_id)
+            self._finished_ids.add(req_id)
+
+    # -- results --------------------------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for rid, msg in result.errors.items():
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                outputs.append(EngineCoreOutput(rid, [], "error", error=msg))
+        for rid, tokens in zip(result.req_ids, result.sampled_token_ids):
+            req = self.requests.get(rid)
+            if req is None or req.is_finished or req.status != RequestStatus.RUNNING:
+                continue
+            prompt_lps = result.prompt_logprobs.get(rid)
+            if not tokens and prompt_lps is None:
+                continue
+            for t in tokens:
+                req.output_token_ids.append(t)
+                if self._check_stop(req, t):
+                    break
+            outputs.append(
+                EngineCoreOutput(
+                    rid, tokens,
+                    finish_reason=req.status.value if req.is_finished else None,
+                    stop_reason=req.stop_reason,
+                    new_logprobs=result.logprobs.get(rid),
+                    prompt_logprobs=prompt_lps,
+                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                )
+            )
+            if req.is_finished:
+                self._finish(req, req.status)
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> bool:
+        sp = req.sampling_params
+        if req.num_output_tokens > sp.min_tokens:  # EOS/stop ids are masked before min_tokens
+            if not sp.ignore_eos and token == req.eos_token_id:
+                req.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if token in sp.stop_token_ids:
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+                return True
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.kv.free(req)
+        self._forget_on_workers(req.request_id)
+        del self.requests[req.request_id]
+
+    def finish_requests(self, req_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[str]:
+        """Abort (or otherwise end) requests from outside; returns the ids that were live."""
+        done = []
+        for rid in [req_ids] if isinstance(req_ids, str) else req_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self._finish(req, status)
+                done.append(rid)
+        return done
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.pool.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_preemptions_total=self.num_preemptions,
+            prefix_queries=self.kv.stats.queries,
+            prefix_hits=self.kv.stats.hits,
+        )

@@ -1,0 +1,65 @@
+"""Incremental detokenization and stop-string matching for one sequence.
+
+Text is emitted only once it is stable: a token window is decoded with a little left context,
+and nothing is emitted while the tail is an incomplete UTF-8 sequence (U+FFFD), so streaming
+never shows broken characters and the concatenated pieces equal a full decode.
+"""
+
+from __future__ import annotations
+
+from fleetlm.models.tokenizer import Tokenizer
+from fleetlm.sampling_params import SamplingParams
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.token_ids: list[int] = []
+        self.text = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        self.stop_reason: str | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def add_tokens(self, new_ids: list[int]) -> str:
+        """Append tokens; return the newly stable text (may be empty)."""
+        self.token_ids.extend(new_ids)
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """At the end of the sequence: whatever is left, even if it is an incomplete character."""
+        rest = self._decode(self.token_ids[self._prefix_offset :])
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        delta = rest[len(prefix) :] if rest.startswith(prefix) else ""
+        self._prefix_offset = self._read_offset = len(self.token_ids)
+        self.text += delta
+        return delta
+
+    def check_stop(self, num_new_chars: int) -> bool:
+        """Look for a stop string overlapping the last ``num_new_chars`` characters; on a match,
+        truncate the text (keeping the stop string only if asked) and remember which one."""
+        if not self.params.stop or not num_new_chars:
+            return False
+        start = max(0, len(self.text) - num_new_chars - self._max_stop_len + 1)
+        best = None
+        for s in self.params.stop:
+            idx = self.text.find(s, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is None:
+            return False
+        idx, s = best
+        self.text = self.text[: idx + len(s)] if self.params.include_stop_str_in_output else self.text[:idx]
+        self.stop_reason = s
+        return True

@@ -1,0 +1,122 @@
+"""The offline API, shaped like vLLM's ``LLM`` so users switch by changing an import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fleetlm.config import EngineArgs
+from fleetlm.core.scheduler import KVCacheCapacityError
+from fleetlm.engine.llm_engine import LLMEngine, Prompt
+from fleetlm.models.hub import DEFAULT_MODEL
+from fleetlm.models.tokenizer import Tokenizer
+from fleetlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from fleetlm.sampling_params import SamplingParams
+
+logger = logging.getLogger("fleetlm")
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """``LLM(model, dtype=..., max_model_len=..., enable_prefix_caching=..., kv_cache_memory=...)``.
+
+    Every keyword is an ``EngineArgs`` field; an unknown one raises ``ValueError``.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any) -> None:
+        _configure_logging()
+        self.engine = LLMEngine(EngineArgs.from_kwargs(model, **kwargs))
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of ``prompts``.
+
+        Bad input (empty prompt, too long, invalid parameter) raises ``ValueError`` before any
+        work starts. A request that can never fit in the KV cache fails alone: its output has
+        ``error`` set and ``finish_reason == "error"``; the others run.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = _broadcast(sampling_params, len(prompts))
+        encoded = [self.engine.tokenize_prompt(p) for p in prompts]
+        return self._run(encoded, params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.engine.tokenizer
+        encoded = []
+        for conv in convs:
+            text = tok.apply_chat_template(conv)
+            encoded.append((text, tok.encode(text, add_special_tokens=False)))
+        return self._run(encoded, _broadcast(sampling_params, len(convs)), use_tqdm)
+
+    def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        eng = self.engine
+        ids = [eng.next_request_id() for _ in encoded]
+        results: dict[str, RequestOutput] = {}
+        accepted = []
+        for rid, (text, toks), sp in zip(ids, encoded, params):
+            try:
+                eng.make_requests(rid, toks, sp)
+            except KVCacheCapacityError as e:
+                results[rid] = _failed(rid, text, toks, sp, str(e))
+                continue
+            accepted.append((rid, text, toks, sp))
+        for rid, text, toks, sp in accepted:
+            eng.add_request(rid, text, toks, sp)
+        bar = _progress(len(accepted)) if use_tqdm and len(accepted) > 1 else None
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                results[out.request_id] = out
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[rid] for rid in ids]
+
+
+def _broadcast(sp: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if sp is None:
+        return [SamplingParams()] * n
+    if isinstance(sp, SamplingParams):
+        return [sp] * n
+    if len(sp) != n:
+        raise ValueError(f"got {len(sp)} sampling_params for {n} prompts; pass one or one per prompt")
+    return list(sp)
+
+
+def _failed(rid: str, text: str | None, toks: list[int], sp: SamplingParams, why: str) -> RequestOutput:
+    import time
+
+    outs = [CompletionOutput(i, "", [], None, None, "error") for i in range(sp.n)]
+    return RequestOutput(rid, text, toks, outs, True, RequestMetrics(time.monotonic()), error=why)
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
+
+
+def _configure_logging() -> None:
+    log = logging.getLogger("fleetlm")
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s fleetlm: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)

@@ -1,0 +1,95 @@
+"""In-process engine: tokenization and output processing around one ``EngineCore``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+from fleetlm.config import EngineArgs, parse_dtype
+from fleetlm.engine.engine_core import EngineCore
+from fleetlm.engine.output_processor import OutputProcessor
+from fleetlm.models.hub import resolve_model
+from fleetlm.models.loader import load_model_files
+from fleetlm.outputs import RequestOutput
+from fleetlm.request import Request
+from fleetlm.sampling_params import SamplingParams
+
+logger = logging.getLogger("fleetlm")
+
+MAX_DEFAULT_MODEL_LEN = 8192
+
+Prompt = str | dict[str, Any]
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        device = args.resolved_device
+        self.dtype = parse_dtype(args.dtype, device)
+        path = resolve_model(args.model)
+        files = load_model_files(path, self.dtype)
+        self.model_config = files.config
+        self.tokenizer = files.tokenizer
+        self.max_model_len = self._max_model_len(files.config.max_position_embeddings)
+        self.core = EngineCore(args, files, self.dtype, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def _max_model_len(self, model_max: int) -> int:
+        if self.args.max_model_len is None:
+            return min(model_max, MAX_DEFAULT_MODEL_LEN)
+        if self.args.max_model_len > model_max:
+            raise ValueError(f"max_model_len ({self.args.max_model_len}) exceeds the model's context length ({model_max})")
+        return self.args.max_model_len
+
+    def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids contains invalid token id(s) {bad[:5]} (vocab size {self.model_config.vocab_size})")
+            return prompt.get("prompt"), ids
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', got {type(prompt).__name__}")
+
+    def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
+        """One core request per sample; validated (ValueError) before anything is queued."""
+        if params.max_tokens is None:
+            params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))
+        reqs = [
+            Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params.for_sample(i),
+                    eos_token_id=self.tokenizer.eos_token_id)
+            for i in range(params.n)
+        ]
+        self.core.scheduler.check_request(reqs[0])
+        return reqs
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> None:
+        reqs = self.make_requests(request_id, prompt_ids, params)
+        self.output_processor.add(request_id, prompt, prompt_ids, params, [r.request_id for r in reqs], time.monotonic())
+        for r in reqs:
+            self.core.add_request(r)
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self.core.step()
+        done, to_abort = self.output_processor.process(outputs)
+        if to_abort:
+            self.core.abort_requests(to_abort)
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests() or self.output_processor.has_unfinished()
+
+
+def _with_max_tokens(params: SamplingParams, n: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, max_tokens=max(1, n))

@@ -1,0 +1,116 @@
+"""Turns engine-core outputs into ``RequestOutput``s: detokenizes, applies stop strings (which
+abort the request in the core), joins the ``n`` samples of a request, and keeps timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fleetlm.core.sched_output import EngineCoreOutput
+from fleetlm.engine.detokenizer import IncrementalDetokenizer
+from fleetlm.models.tokenizer import Tokenizer
+from fleetlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from fleetlm.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleState:
+    index: int
+    detok: IncrementalDetokenizer
+    logprobs: list | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    samples: dict[str, SampleState] = field(default_factory=dict)  # child id -> state
+    prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples.values())
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.parents: dict[str, ParentState] = {}
+        self.child_to_parent: dict[str, str] = {}
+
+    def add(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+            child_ids: list[str], arrival: float) -> None:
+        ps = ParentState(request_id, prompt, prompt_ids, params, RequestMetrics(arrival))
+        for i, cid in enumerate(child_ids):
+            want_lp = params.logprobs is not None
+            ps.samples[cid] = SampleState(i, IncrementalDetokenizer(self.tokenizer, params),
+                                          [] if want_lp else None, 0.0 if want_lp else None)
+            self.child_to_parent[cid] = request_id
+        self.parents[request_id] = ps
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns (outputs of requests that finished this step, child ids to abort in the core)."""
+        now = time.monotonic()
+        to_abort: list[str] = []
+        touched: dict[str, ParentState] = {}
+        for o in outputs:
+            pid = self.child_to_parent.get(o.request_id)
+            if pid is None:
+                continue
+            ps = self.parents[pid]
+            touched[pid] = ps
+            if self._apply(ps, ps.samples[o.request_id], o, now):
+                to_abort.append(o.request_id)
+        done = []
+        for pid, ps in touched.items():
+            if ps.finished:
+                ps.metrics.finished_time = now
+                done.append(self._finish(pid))
+        return done, to_abort
+
+    def _apply(self, ps: ParentState, s: SampleState, o: EngineCoreOutput, now: float) -> bool:
+        """Fold one output into the sample; True if a stop string ended it (abort in the core)."""
+        if o.prompt_logprobs is not None:
+            ps.prompt_logprobs = o.prompt_logprobs
+        ps.num_cached_tokens = o.num_cached_tokens
+        if o.error is not None:
+            ps.error = o.error
+        if o.new_token_ids:
+            ps.metrics.first_token_time = ps.metrics.first_token_time or now
+            ps.metrics.last_token_time = now
+            if s.logprobs is not None and o.new_logprobs:
+                s.logprobs.extend(o.new_logprobs)
+                for tok, pos in zip(o.new_token_ids, o.new_logprobs):
+                    s.cumulative_logprob += pos[tok].logprob
+        delta = s.detok.add_tokens(o.new_token_ids)
+        stopped_by_string = False
+        if len(s.detok.token_ids) > ps.params.min_tokens and s.detok.check_stop(len(delta)):
+            s.finish_reason, s.stop_reason = "stop", s.detok.stop_reason
+            stopped_by_string = o.finish_reason is None
+        elif o.finish_reason is not None:
+            s.detok.flush()
+            s.finish_reason, s.stop_reason = o.finish_reason, o.stop_reason
+        return stopped_by_string
+
+    def _finish(self, pid: str) -> RequestOutput:
+        ps = self.parents.pop(pid)
+        for cid in ps.samples:
+            self.child_to_parent.pop(cid, None)
+        outs = [
+            CompletionOutput(s.index, s.detok.text, list(s.detok.token_ids), s.cumulative_logprob,
+                             s.logprobs, s.finish_reason, s.stop_reason)
+            for s in sorted(ps.samples.values(), key=lambda s: s.index)
+        ]
+        return RequestOutput(pid, ps.prompt, ps.prompt_token_ids, outs, True, ps.metrics,
+                             ps.prompt_logprobs, ps.num_cached_tokens, ps.error)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.parents)

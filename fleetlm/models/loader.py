@@ -1,0 +1,215 @@
+"""Load a model's config, weights and tokenizer from a GGUF file or a Hugging Face directory.
+
+Weights come out with Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``)
+in the requested dtype; the model classes only ever see that one naming.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fleetlm.models.tokenizer import Tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # registry key, e.g. "LlamaForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    tokenizer: Tokenizer
+    weights: Iterator[tuple[str, torch.Tensor]]  # (hf_name, tensor), streamed
+    source: str  # "gguf" or "hf"
+
+
+def load_model_files(path: Path, dtype: torch.dtype) -> LoadedModel:
+    """Dispatch on what ``path`` is; anything else is a ``ValueError`` saying what was found."""
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"{path} is a directory without config.json: not a Hugging Face model directory")
+        return _load_hf_dir(path, dtype)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(
+            f"{path} is neither a GGUF file (magic {magic!r}, expected b'GGUF') nor a Hugging Face "
+            "model directory (config.json + *.safetensors)"
+        )
+    return _load_gguf(path, dtype)
+
+
+# -- Hugging Face directory -------------------------------------------------------------------
+_HF_ARCH_ALIASES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
+
+
+def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+    try:
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        return ModelConfig(
+            architecture=archs[0],
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(cfg),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", archs[0] == "Qwen2ForCausalLM"),
+            rope_scaling=_rope_scaling(cfg),
+        )
+    except KeyError as e:
+        raise ValueError(f"config.json is missing the field {e.args[0]!r}") from None
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type") or "default"
+    return None if kind == "default" else dict(rs, rope_type=kind)
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from safetensors import safe_open
+
+    cfg = json.loads((path / "config.json").read_text())
+    config = config_from_hf(cfg)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has config.json but no *.safetensors weights")
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name).to(dtype)
+
+    return LoadedModel(config, tokenizer_from_hf_dir(path, cfg), weights(), "hf")
+
+
+# -- GGUF ---------------------------------------------------------------------------------------
+_GGUF_TO_HF = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def gguf_fields(reader: Any) -> dict[str, Any]:
+    out = {}
+    for key, f in reader.fields.items():
+        try:
+            out[key] = f.contents()
+        except Exception:  # noqa: BLE001 - an unreadable exotic field is skipped, not fatal
+            continue
+    return out
+
+
+def config_from_gguf(fields: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = fields.get("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        v = fields.get(f"{arch}.{key}", default)
+        if v is None:
+            raise ValueError(f"GGUF metadata is missing {arch}.{key}")
+        return v
+
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    rope_scaling = None
+    if fields.get(f"{arch}.rope.scaling.type") not in (None, "none"):
+        rope_scaling = {
+            "rope_type": fields[f"{arch}.rope.scaling.type"],
+            "factor": fields.get(f"{arch}.rope.scaling.factor", 1.0),
+        }
+    return ModelConfig(
+        architecture=_GGUF_ARCHS[arch],
+        vocab_size=fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"]),
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"),
+        num_heads=heads,
+        num_kv_heads=get("attention.head_count_kv", heads),
+        head_dim=fields.get(f"{arch}.attention.key_length") or hidden // heads,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=get("context_length"),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        rope_scaling=rope_scaling,
+    )
+
+
+def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo the row interleaving GGUF converters apply to Llama q/k projections for their RoPE."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    if gguf_name == "output.weight":
+        return "lm_head.weight"
+    _, layer, kind, suffix = gguf_name.split(".")
+    return f"model.layers.{layer}.{_GGUF_TO_HF[kind]}.{suffix}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = gguf_fields(reader)
+    config = config_from_gguf(fields, {t.name for t in reader.tensors})
+    llama_permuted = fields.get("general.architecture") == "llama"
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for t in reader.tensors:
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+            if llama_permuted and kind in ("attn_q", "attn_k"):
+                arr = _unpermute_qk(arr, config.num_heads if kind == "attn_q" else config.num_kv_heads)
+            yield _hf_name(t.name), torch.from_numpy(np.array(arr, dtype=np.float32, order="C")).to(dtype)
+
+    return LoadedModel(config, tokenizer_from_gguf_fields(fields), weights(), "gguf")

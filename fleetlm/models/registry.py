@@ -1,0 +1,30 @@
+"""Model registry: architecture name (as in config.json ``architectures``) -> model class."""
+
+from __future__ import annotations
+
+import importlib
+
+_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": "fleetlm.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "fleetlm.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "fleetlm.models.llama:LlamaForCausalLM",
+}
+
+
+def register_model(architecture: str, target: str) -> None:
+    """Add a family: ``target`` is "module.path:ClassName", imported on first use."""
+    _MODELS[architecture] = target
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(architecture: str) -> type:
+    target = _MODELS.get(architecture)
+    if target is None:
+        raise ValueError(
+            f"model architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
+        )
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)

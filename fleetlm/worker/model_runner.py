@@ -1,0 +1,137 @@
+"""Turns a ``SchedulerOutput`` into one forward pass and the sampled tokens.
+
+Per step: update the request states, lay the batch out (decodes first), build input ids,
+positions, the slot mapping and the block table, run the model inside ``forward_context``,
+compute logits only for rows that sample (a request whose known tokens are all computed), sample,
+and gather the requested log-probs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fleetlm.attention.base import BatchLayout, ForwardContext, forward_context
+from fleetlm.attention.torch_paged import TorchPagedBackend
+from fleetlm.core.sched_output import Logprob, ModelRunnerOutput, PositionLogprobs, SchedulerOutput
+from fleetlm.sample.sampler import Sampler, SamplerOutput
+from fleetlm.worker.input_batch import CachedRequestState, build_sampling_metadata
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, *, block_size: int, device: torch.device,
+                 eos_token_id: int | None) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_id = eos_token_id
+        self.backend = TorchPagedBackend(block_size)
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache: torch.Tensor | None = None
+        self.states: dict[str, CachedRequestState] = {}
+
+    def initialize_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
+        """One tensor [layers, 2, num_blocks, block_size, kv_heads, head_dim]; per-layer views."""
+        c = self.cfg
+        shape = (c.num_layers, 2, num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+
+    # -- state ----------------------------------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            self.states.pop(rid, None)
+        for r in so.scheduled_new_reqs:
+            self.states[r.req_id] = CachedRequestState(
+                r.req_id, r.prompt_token_ids, list(r.output_token_ids), r.sampling_params,
+                list(r.block_ids), r.num_computed_tokens, self.eos_token_id)
+        for r in so.scheduled_cached_reqs:
+            st = self.states[r.req_id]
+            st.block_ids.extend(r.new_block_ids)
+            st.num_computed_tokens = r.num_computed_tokens
+
+    def _layout(self, so: SchedulerOutput) -> tuple[list[CachedRequestState], BatchLayout, torch.Tensor, torch.Tensor]:
+        ids = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
+        states = [self.states[r] for r in ids]
+        q_lens = np.array([so.num_scheduled_tokens[r] for r in ids], dtype=np.int64)
+        ctx = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        width = max(len(s.block_ids) for s in states)
+        table = np.zeros((len(states), width), dtype=np.int64)
+        tokens: list[int] = []
+        for i, s in enumerate(states):
+            table[i, : len(s.block_ids)] = s.block_ids
+            tokens += s.tokens(int(ctx[i]), int(ctx[i] + q_lens[i]))
+        rows = np.repeat(np.arange(len(states)), q_lens)
+        positions = np.arange(len(tokens)) - np.repeat(np.cumsum(q_lens) - q_lens, q_lens) + ctx[rows]
+        slots = table[rows, positions // self.block_size] * self.block_size + positions % self.block_size
+        layout = BatchLayout(q_lens, ctx, table, torch.from_numpy(slots), int((q_lens == 1).sum()))
+        dev = self.device
+        return states, layout, torch.tensor(tokens, device=dev), torch.from_numpy(positions).to(dev)
+
+    # -- step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        if so.is_empty:
+            return ModelRunnerOutput([], [])
+        states, layout, input_ids, positions = self._layout(so)
+        meta = self.backend.build_metadata(layout, self.device)
+        with forward_context(ForwardContext(self.backend, meta, self.kv_caches)):
+            hidden = self.model(input_ids, positions)
+        ends = np.cumsum(layout.query_lens)
+        samples = [i for i, s in enumerate(states) if layout.seq_lens[i] == s.num_tokens]
+        out = ModelRunnerOutput([s.req_id for s in states], [[] for _ in states])
+        for i, s in enumerate(states):
+            s.num_computed_tokens = int(layout.seq_lens[i])
+            if s.sampling_params.prompt_logprobs is not None:
+                lps = self._prompt_logprobs(s, hidden[ends[i] - layout.query_lens[i] : ends[i]], int(layout.context_lens[i]))
+                if lps is not None:
+                    out.prompt_logprobs[s.req_id] = lps
+        if samples:
+            rows = torch.from_numpy(ends[samples] - 1).to(self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+            sampling = [states[i] for i in samples]
+            result = self.sampler(logits, build_sampling_metadata(sampling, logits.shape[1], self.device))
+            self._emit(out, samples, sampling, result)
+        return out
+
+    def _emit(self, out: ModelRunnerOutput, samples: list[int], states: list[CachedRequestState], r: SamplerOutput) -> None:
+        tokens = r.sampled.tolist()
+        lp_ids = r.logprob_token_ids.tolist() if r.logprob_token_ids is not None else None
+        lp_vals = r.logprobs.tolist() if r.logprobs is not None else None
+        ranks = r.ranks.tolist() if r.ranks is not None else None
+        for j, (i, s) in enumerate(zip(samples, states)):
+            s.output_token_ids.append(tokens[j])
+            out.sampled_token_ids[i] = [tokens[j]]
+            n = s.sampling_params.logprobs
+            if n is not None and lp_ids is not None:
+                entry = {lp_ids[j][0]: Logprob(lp_vals[j][0], ranks[j])}
+                for k in range(1, n + 1):
+                    entry.setdefault(lp_ids[j][k], Logprob(lp_vals[j][k], k))
+                out.logprobs[s.req_id] = [entry]
+
+    def _prompt_logprobs(self, s: CachedRequestState, hidden: torch.Tensor, start: int) -> list[PositionLogprobs | None] | None:
+        """Log-probs of prompt tokens ``start+1 ..`` predicted from this chunk; complete list
+        (first entry None, as the first token has no prediction) once the prompt is done."""
+        n_prompt = len(s.prompt_token_ids)
+        end = min(start + hidden.shape[0], n_prompt)
+        if start == 0:
+            s.prompt_logprobs = [None]
+        count = max(0, min(end, n_prompt - 1) - start)  # positions whose next token is a prompt token
+        if count:
+            logprobs = self.model.compute_logits(hidden[:count]).log_softmax(-1)
+            targets = torch.tensor(s.prompt_token_ids[start + 1 : start + 1 + count], device=self.device)
+            tgt_lp = logprobs.gather(1, targets[:, None])
+            ranks = ((logprobs > tgt_lp).sum(-1) + 1).tolist()
+            k = s.sampling_params.prompt_logprobs or 0
+            top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+            for p in range(count):
+                entry = {int(targets[p]): Logprob(float(tgt_lp[p, 0]), ranks[p])}
+                for q in range(k):
+                    entry.setdefault(int(top_ids[p, q]), Logprob(float(top_lp[p, q]), q + 1))
+                s.prompt_logprobs.append(entry)
+        if end >= n_prompt and start < n_prompt:
+            return s.prompt_logprobs
+        return None
