@@ -1,0 +1,80 @@
+"""SmolLM2-135M-Instruct, fp32 greedy: token-identical to Hugging Face transformers (same GGUF,
+dequantized by transformers' own loader), raw and chat-templated prompts, batched with requests
+of other lengths, prefix caching on and off, and chunked prefill forced small."""
+
+import pytest
+
+from fleetlm import LLM, SamplingParams
+from tests.helpers import hf_greedy
+
+pytestmark = pytest.mark.slow
+
+RAW = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "Water boils at a temperature of",
+    "import numpy as np\n\n# compute the mean of an array\n",
+    "The largest planet in our solar system",
+    "Translate to French: Good morning, how are you?",
+    "1, 2, 3, 4, 5,",
+]
+CHAT = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child in two sentences.",
+    "List three fruits.",
+    "What is 12 times 7?",
+    "Give me a tip for learning Python.",
+    "Who wrote Romeo and Juliet?",
+    "Name a famous painting.",
+    "Describe the color blue.",
+    "What is photosynthesis?",
+]
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(llm_fp32):
+    tok = llm_fp32.get_tokenizer()
+    raw = [tok.encode(p) for p in RAW]
+    chat = [tok.encode_chat([{"role": "user", "content": c}]) for c in CHAT]
+    return raw + chat
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, prompt_ids, llm_fp32):
+    eos = llm_fp32.get_tokenizer().eos_token_id
+    return [hf_greedy(hf_model, ids, MAX_TOKENS, eos) for ids in prompt_ids]
+
+
+def _generate(llm, prompt_ids):
+    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp, use_tqdm=False)]
+
+
+def test_batched_with_prefix_cache_matches_transformers(llm_fp32, prompt_ids, reference):
+    got = _generate(llm_fp32, prompt_ids)  # all 20 in one batch: many lengths at once
+    for i, (g, r) in enumerate(zip(got, reference)):
+        assert g == r, f"prompt {i} diverges at token {next((j for j, (a, b) in enumerate(zip(g, r)) if a != b), min(len(g), len(r)))}"
+    # the chat prompts share the system prompt: a second run hits the prefix cache
+    sched = llm_fp32.engine.core.scheduler
+    hits_before = sched.kv.stats.hits
+    assert _generate(llm_fp32, prompt_ids[10:]) == reference[10:]
+    assert sched.kv.stats.hits > hits_before
+
+
+@pytest.mark.parametrize("kw", [{"enable_prefix_caching": False}, {"max_num_batched_tokens": 32}],
+                         ids=["prefix-cache-off", "chunked-prefill-32"])
+def test_engine_settings_keep_outputs_identical(kw, prompt_ids, reference):
+    llm = LLM(dtype="float32", kv_cache_memory=256 << 20, **kw)
+    assert _generate(llm, prompt_ids) == reference
+
+
+def test_bf16_answers_capital_of_france():
+    llm = LLM(dtype="bfloat16", kv_cache_memory=128 << 20)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text

@@ -1,0 +1,104 @@
+"""The offline API on the real model: prompt forms, n > 1, stop strings, logprobs, errors."""
+
+import math
+
+import pytest
+
+from fleetlm import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def test_string_and_token_id_prompts_agree(llm_fp32):
+    tok = llm_fp32.get_tokenizer()
+    a, b = llm_fp32.generate(["The capital of France is", {"prompt_token_ids": tok.encode("The capital of France is")}], GREEDY, use_tqdm=False)
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert a.prompt == "The capital of France is" and a.prompt_token_ids == b.prompt_token_ids
+    assert a.outputs[0].text == tok.decode(a.outputs[0].token_ids)
+    assert a.outputs[0].finish_reason == "length" and len(a.outputs[0].token_ids) == 12
+    m = a.metrics
+    assert m.time_to_first_token is not None and 0 < m.time_to_first_token <= m.e2e_latency
+
+
+def test_n_samples_share_the_prompt_and_seeds_reproduce(llm_fp32):
+    sp = SamplingParams(n=3, temperature=1.0, seed=123, max_tokens=10)
+    first = llm_fp32.generate("Tell me a story", sp, use_tqdm=False)[0]
+    again = llm_fp32.generate("Tell me a story", sp, use_tqdm=False)[0]
+    assert [o.index for o in first.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]
+    assert len({tuple(o.token_ids) for o in first.outputs}) > 1
+
+
+def test_stop_string_is_trimmed_and_reported(llm_fp32):
+    free = llm_fp32.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0), use_tqdm=False)[0].outputs[0]
+    word = free.text.split()[1]  # a word that greedy decoding produces
+    out = llm_fp32.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0, stop=[word]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == word
+    assert word not in out.text and free.text.startswith(out.text)
+    kept = llm_fp32.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0, stop=[word], include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text.endswith(word)
+
+
+def test_eos_stops_unless_ignored(llm_fp32):
+    eos = llm_fp32.get_tokenizer().eos_token_id
+    chat = [{"role": "user", "content": "Say hi."}]
+    out = llm_fp32.chat(chat, SamplingParams(max_tokens=64, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == eos
+    forced = llm_fp32.chat(chat, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(forced.token_ids) == 64 and forced.finish_reason == "length"
+    longer = llm_fp32.chat(chat, SamplingParams(max_tokens=64, temperature=0, min_tokens=len(out.token_ids) + 2), use_tqdm=False)[0].outputs[0]
+    assert len(longer.token_ids) >= len(out.token_ids) + 2
+
+
+def test_logprobs_and_prompt_logprobs(llm_fp32):
+    out = llm_fp32.generate("The capital of France is", SamplingParams(max_tokens=5, temperature=0, logprobs=3, prompt_logprobs=2), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert len(c.logprobs) == 5
+    for tok, pos in zip(c.token_ids, c.logprobs):
+        assert pos[tok].rank == 1 and len(pos) == 3  # greedy: the sampled token is the top one
+        assert all(lp.logprob <= 0 for lp in pos.values())
+    assert math.isclose(c.cumulative_logprob, sum(p[t].logprob for t, p in zip(c.token_ids, c.logprobs)))
+    pl = out.prompt_logprobs
+    assert len(pl) == len(out.prompt_token_ids) and pl[0] is None
+    for tok, pos in zip(out.prompt_token_ids[1:], pl[1:]):
+        assert tok in pos and pos[tok].rank >= 1 and len(pos) <= 3
+
+
+def test_chat_accepts_a_list_of_conversations(llm_fp32):
+    convs = [[{"role": "user", "content": "What is the capital of France?"}], [{"role": "user", "content": "Say hello"}]]
+    outs = llm_fp32.chat(convs, GREEDY, use_tqdm=False)
+    assert len(outs) == 2 and "Paris" in outs[0].outputs[0].text
+    assert outs[0].prompt.startswith("<|im_start|>system")
+
+
+def test_bad_input_is_a_clear_error(llm_fp32):
+    with pytest.raises(ValueError, match="empty"):
+        llm_fp32.generate({"prompt_token_ids": []}, GREEDY)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm_fp32.generate("hi", SamplingParams(max_tokens=10**6))
+    with pytest.raises(ValueError, match="invalid token id"):
+        llm_fp32.generate({"prompt_token_ids": [10**9]}, GREEDY)
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm_fp32.generate(["a", "b"], [GREEDY] * 3)
+    with pytest.raises(ValueError, match="unknown engine argument"):
+        LLM(dtype="float32", max_seqs=4)
+
+
+def test_request_that_never_fits_fails_alone():
+    llm = LLM(dtype="float32", num_kv_blocks=8, block_size=16)  # 128 tokens in all
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    outs = llm.generate(["Hello", {"prompt_token_ids": [100] * 200}, "The sky is"], sp, use_tqdm=False)
+    assert outs[1].error and "can never fit" in outs[1].error and outs[1].outputs[0].finish_reason == "error"
+    assert len(outs[0].outputs[0].token_ids) == 8 and len(outs[2].outputs[0].token_ids) == 8
+    assert llm.engine.core.scheduler.kv.num_free_blocks == 8
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"dtype": "float16"}, "float16 is not supported on the CPU"),
+    ({"dtype": "int3"}, "dtype 'int3' is not supported"),
+])
+def test_engine_argument_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(**kw)
