@@ -1,0 +1,159 @@
+"""``fleetlm`` command line: generate, chat, bench throughput, plan.
+
+Engine flags mirror ``LLM(...)`` keyword arguments (``--max-model-len`` -> ``max_model_len``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fleetlm.models.hub import DEFAULT_MODEL
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 (float16 on CUDA)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory", type=_bytes, help="KV cache bytes on CPU, e.g. 2GiB, 512MiB")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--num-threads", type=int, help="CPU intra-op threads (default: all usable cores)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    keys = ("dtype", "device", "max_model_len", "block_size", "kv_cache_memory", "gpu_memory_utilization",
+            "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _bytes(text: str) -> int:
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for suffix, mult in units.items():
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(float(t))
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[])
+
+
+def sampling_params(args: argparse.Namespace):
+    from fleetlm.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fleetlm import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    prompts = args.prompt or [sys.stdin.read()]
+    for out in llm.generate(prompts, sampling_params(args), use_tqdm=len(prompts) > 1):
+        text = out.outputs[0].text
+        print(text if len(prompts) == 1 else f"[{out.request_id}] {out.prompt!r} -> {text!r}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat: the whole conversation is re-sent each turn (the prefix cache makes the
+    earlier turns cheap). Ctrl-D or /exit ends it; /reset starts over."""
+    from fleetlm import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    sp = sampling_params(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("fleetlm chat: type a message; /reset to start over, /exit or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = llm.chat(history, sp, use_tqdm=False)[0].outputs[0].text
+        print(reply, flush=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from fleetlm.bench.throughput import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fleetlm.plan.cli import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleetlm", description="Serve, run and plan large language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one or more prompts")
+    g.add_argument("prompt", nargs="*", help="prompt text (read from stdin if omitted)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="alias, GGUF file or HF model directory")
+    add_engine_args(g)
+    add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal")
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--system", help="system prompt")
+    add_engine_args(c)
+    add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    t = b.add_parser("throughput", help="offline throughput vs HF transformers (and vLLM if importable)")
+    from fleetlm.bench.throughput import add_arguments as add_bench_args
+
+    add_bench_args(t)
+    t.set_defaults(func=cmd_bench_throughput)
+
+    pl = sub.add_parser("plan", help="capacity planning: memory, KV sizing, roofline, parallelism")
+    from fleetlm.plan.cli import add_arguments as add_plan_args
+
+    add_plan_args(pl)
+    pl.set_defaults(func=cmd_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        print(f"fleetlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
