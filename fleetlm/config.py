@@ -66,6 +66,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     num_threads: int | None = None  # CPU intra-op threads (default: all cores)
+    attention_backend: str = "auto"  # auto | torch_paged | cpu_native
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +86,8 @@ class EngineArgs:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.attention_backend not in ("auto", "torch_paged", "cpu_native"):
+            raise ValueError(f"attention_backend must be auto, torch_paged or cpu_native, got {self.attention_backend!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
 

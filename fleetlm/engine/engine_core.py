@@ -31,9 +31,10 @@ class EngineCore:
         self.scheduler = Scheduler(sched, self.cache_config)
         kv_bytes = self.executor.collective_rpc("kv_bytes_per_token")[0] * self.cache_config.max_tokens
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); prefix caching %s",
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); prefix caching %s; attention %s",
             num_blocks, args.block_size, self.cache_config.max_tokens, kv_bytes / 2**30,
             str(dtype).removeprefix("torch."), "on" if args.enable_prefix_caching else "off",
+            self.executor.worker.runner.backend.name,
         )
 
     def add_request(self, req: Request) -> None:

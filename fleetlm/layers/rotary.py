@@ -34,7 +34,11 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables; ``forward`` rotates q and k heads in one op."""
+    """Precomputed cos/sin tables. ``lookup`` runs once per step (positions are shared by all
+    layers); ``forward`` rotates q and k heads together.
+
+    The sin table is stored with its first half negated so that ``rotate_half(x) * sin`` becomes
+    ``roll(x, half) * sin_signed``: the same products, one op fewer."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
@@ -42,14 +46,16 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
+        sin = emb.sin()
+        sin[:, : head_dim // 2].neg_()
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("sin_signed", sin.to(dtype), persistent=False)
         self.half = head_dim // 2
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
+
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim]; returns the rotated copy."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x[..., : self.half], x[..., self.half :]
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return x * cos + rotated * sin
+        cos, sin = cos_sin
+        return x * cos + x.roll(self.half, dims=-1) * sin

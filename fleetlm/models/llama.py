@@ -35,10 +35,10 @@ class LlamaAttention(nn.Module):
         self.rope = rope
         self.attn = Attention(layer_idx)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(t, self.h + 2 * self.hkv, self.d)
-        qk = self.rope(positions, qkv[:, : self.h + self.hkv])
+        qk = self.rope(cos_sin, qkv[:, : self.h + self.hkv])
         q, k = qk[:, : self.h], qk[:, self.h :]
         v = qkv[:, self.h + self.hkv :]
         out = self.attn(q, k, v)
@@ -83,8 +83,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(cos_sin, self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -101,8 +101,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
+        cos_sin = self.rope.lookup(positions)
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(cos_sin, x)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

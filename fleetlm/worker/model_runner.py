@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fleetlm.attention.base import BatchLayout, ForwardContext, forward_context
-from fleetlm.attention.torch_paged import TorchPagedBackend
+from fleetlm.attention.registry import get_attention_backend
 from fleetlm.core.sched_output import Logprob, ModelRunnerOutput, PositionLogprobs, SchedulerOutput
 from fleetlm.sample.sampler import Sampler, SamplerOutput
 from fleetlm.worker.input_batch import CachedRequestState, build_sampling_metadata
@@ -20,13 +20,13 @@ from fleetlm.worker.input_batch import CachedRequestState, build_sampling_metada
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, block_size: int, device: torch.device,
-                 eos_token_id: int | None) -> None:
+                 eos_token_id: int | None, attention_backend: str = "auto") -> None:
         self.model = model
         self.cfg = model.config
         self.block_size = block_size
         self.device = device
         self.eos_token_id = eos_token_id
-        self.backend = TorchPagedBackend(block_size)
+        self.backend = get_attention_backend(attention_backend, device, block_size, next(model.parameters()).dtype)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.kv_cache: torch.Tensor | None = None

@@ -41,7 +41,8 @@ class Worker:
         model.load_weights(files.weights)
         model.eval()
         self.runner = ModelRunner(model, block_size=self.args.block_size, device=self.device,
-                                  eos_token_id=files.tokenizer.eos_token_id)
+                                  eos_token_id=files.tokenizer.eos_token_id,
+                                  attention_backend=self.args.attention_backend)
 
     def kv_bytes_per_token(self) -> int:
         c = self.runner.cfg

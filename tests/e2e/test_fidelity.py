@@ -66,8 +66,9 @@ def test_batched_with_prefix_cache_matches_transformers(llm_fp32, prompt_ids, re
     assert sched.kv.stats.hits > hits_before
 
 
-@pytest.mark.parametrize("kw", [{"enable_prefix_caching": False}, {"max_num_batched_tokens": 32}],
-                         ids=["prefix-cache-off", "chunked-prefill-32"])
+@pytest.mark.parametrize("kw", [{"enable_prefix_caching": False}, {"max_num_batched_tokens": 32},
+                                {"attention_backend": "torch_paged"}],
+                         ids=["prefix-cache-off", "chunked-prefill-32", "pure-torch-backend"])
 def test_engine_settings_keep_outputs_identical(kw, prompt_ids, reference):
     llm = LLM(dtype="float32", kv_cache_memory=256 << 20, **kw)
     assert _generate(llm, prompt_ids) == reference

@@ -61,7 +61,8 @@ def test_layer_by_layer_matches_transformers(tiny):
 
 @pytest.mark.parametrize("engine_kw", [
     {}, {"enable_prefix_caching": False}, {"max_num_batched_tokens": 8}, {"num_kv_blocks": 16, "block_size": 4},
-], ids=["default", "no-prefix-cache", "chunked-8", "preempting"])
+    {"attention_backend": "torch_paged"}, {"attention_backend": "torch_paged", "max_num_batched_tokens": 8},
+], ids=["default", "no-prefix-cache", "chunked-8", "preempting", "torch-paged", "torch-paged-chunked-8"])
 def test_batched_greedy_matches_transformers(tiny, engine_kw):
     path, hf = tiny
     llm = LLM(str(path), dtype="float32", kv_cache_memory=16 << 20, **engine_kw)

@@ -1,0 +1,178 @@
+// Paged decode attention for the CPU: one query token per sequence, K/V read in place from the
+// block table (no gather copy). Work is split over sequences with at::parallel_for, so
+// it uses torch's intra-op threads. Each task scores all query heads against every
+// cached token (float accumulation), takes a max-subtracted softmax, then accumulates V.
+// Loops run block by block (no division per token). bf16 rows on AVX512-BF16 machines use
+// dpbf16 dot products; everything else takes the portable loops (auto-vectorized).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define FLEETLM_AVX512BF16 1
+#endif
+
+namespace {
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+template <>
+inline float to_float(c10::BFloat16 x) {  // a shift: keeps the loops vectorizable
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+struct Shape {
+  int64_t H, Hkv, G, D, BS, max_blocks, tok_stride, blk_stride, v_offset;
+};
+
+// scores[j * L + t] = q_j . k_t (q already scaled) for every query head j of one sequence and
+// every cached token t; each block is read once, front to back, for all kv heads.
+template <typename T>
+void qk_scores(const float* qf, const T* kv, const int64_t* blocks, int64_t L, const Shape& s,
+               float* scores) {
+  for (int64_t blk = 0, t0 = 0; t0 < L; ++blk, t0 += s.BS) {
+    const T* base = kv + blocks[blk] * s.blk_stride;
+    const int64_t n = std::min<int64_t>(s.BS, L - t0);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < s.H; ++j) {
+        const T* k = base + i * s.tok_stride + (j / s.G) * s.D;
+        const float* qj = qf + j * s.D;
+        float acc = 0.f;
+        for (int64_t d = 0; d < s.D; ++d) acc += qj[d] * to_float(k[d]);
+        scores[j * L + t0 + i] = acc;
+      }
+    }
+  }
+}
+
+#ifdef FLEETLM_AVX512BF16
+// Same for bf16 with dpbf16 (q rounded to bf16, like the K it multiplies; float accumulation).
+void qk_scores_bf16(const float* qf, const c10::BFloat16* kv, const int64_t* blocks, int64_t L,
+                    const Shape& s, float* scores) {
+  std::vector<__m512bh> qb(s.H * (s.D / 32));
+  const int64_t C = s.D / 32;
+  for (int64_t j = 0; j < s.H; ++j)
+    for (int64_t c = 0; c < C; ++c)
+      qb[j * C + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qf + j * s.D + c * 32 + 16),
+                                          _mm512_loadu_ps(qf + j * s.D + c * 32));
+  for (int64_t blk = 0, t0 = 0; t0 < L; ++blk, t0 += s.BS) {
+    const c10::BFloat16* base = kv + blocks[blk] * s.blk_stride;
+    const int64_t n = std::min<int64_t>(s.BS, L - t0);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < s.Hkv; ++h) {
+        const c10::BFloat16* k = base + i * s.tok_stride + h * s.D;
+        __m512bh kb[4];
+        for (int64_t c = 0; c < C; ++c) kb[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
+        for (int64_t g = 0; g < s.G; ++g) {
+          const int64_t j = h * s.G + g;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t c = 0; c < C; ++c) acc = _mm512_dpbf16_ps(acc, qb[j * C + c], kb[c]);
+          scores[j * L + t0 + i] = _mm512_reduce_add_ps(acc);
+        }
+      }
+    }
+  }
+}
+#endif
+
+void softmax_rows(float* scores, int64_t G, int64_t L) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* x = scores + g * L;
+    float m = x[0];
+    for (int64_t t = 1; t < L; ++t) m = std::max(m, x[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < L; ++t) {
+      x[t] = std::exp(x[t] - m);
+      sum += x[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < L; ++t) x[t] *= inv;
+  }
+}
+
+// acc[j * D + d] = sum_t p[j, t] * v_t[head of j][d], for every query head j
+template <typename T>
+void pv_accumulate(const float* p, const T* kv, const int64_t* blocks, int64_t L, const Shape& s,
+                   float* acc, float* vf) {
+  std::fill(acc, acc + s.H * s.D, 0.f);
+  for (int64_t blk = 0, t0 = 0; t0 < L; ++blk, t0 += s.BS) {
+    const T* base = kv + s.v_offset + blocks[blk] * s.blk_stride;
+    const int64_t n = std::min<int64_t>(s.BS, L - t0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* v = base + i * s.tok_stride;
+      for (int64_t d = 0; d < s.Hkv * s.D; ++d) vf[d] = to_float(v[d]);
+      for (int64_t j = 0; j < s.H; ++j) {
+        const float w = p[j * L + t0 + i];
+        const float* vh = vf + (j / s.G) * s.D;
+        float* a = acc + j * s.D;
+        for (int64_t d = 0; d < s.D; ++d) a[d] += w * vh[d];
+      }
+    }
+  }
+}
+
+template <typename T>
+void decode_kernel(const T* q, const T* kv, const int64_t* bt, const int64_t* lens, T* out,
+                   int64_t B, const Shape& s, float scale) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(s.H * s.D), acc(s.H * s.D), vf(s.Hkv * s.D), scores;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t L = lens[b];
+      const int64_t* blocks = bt + b * s.max_blocks;
+      const T* qrow = q + b * s.H * s.D;
+      for (int64_t i = 0; i < s.H * s.D; ++i) qf[i] = to_float(qrow[i]) * scale;
+      scores.resize(s.H * L);
+      bool done = false;
+#ifdef FLEETLM_AVX512BF16
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (s.D % 32 == 0 && s.D <= 128) {
+          qk_scores_bf16(qf.data(), kv, blocks, L, s, scores.data());
+          done = true;
+        }
+      }
+#endif
+      if (!done) qk_scores(qf.data(), kv, blocks, L, s, scores.data());
+      softmax_rows(scores.data(), s.H, L);
+      pv_accumulate(scores.data(), kv, blocks, L, s, acc.data(), vf.data());
+      T* orow = out + b * s.H * s.D;
+      for (int64_t i = 0; i < s.H * s.D; ++i) orow[i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
+}  // namespace
+
+// q [B, H, D]; kv_cache [2, num_blocks, block_size, Hkv, D] (contiguous); block_table [B, max_blocks]
+// int64; seq_lens [B] int64. Returns [B, H, D].
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_table,
+                           torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous(), "q and kv_cache must be contiguous");
+  TORCH_CHECK(block_table.scalar_type() == torch::kLong && seq_lens.scalar_type() == torch::kLong,
+              "block_table and seq_lens must be int64");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache dtypes differ");
+  auto bt = block_table.contiguous();
+  auto lens = seq_lens.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = kv_cache.size(2), Hkv = kv_cache.size(3);
+  TORCH_CHECK(H % Hkv == 0 && kv_cache.size(4) == D, "head shapes of q and kv_cache disagree");
+  Shape s{H, Hkv, H / Hkv, D, BS, bt.size(1), Hkv * D, BS * Hkv * D, kv_cache.stride(0)};
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), bt.data_ptr<int64_t>(),
+                            lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, s,
+                            static_cast<float>(scale));
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention (CPU)");
+}

@@ -1,0 +1,29 @@
+"""Attention backends by name; ``auto`` picks the fastest that works on the device."""
+
+from __future__ import annotations
+
+import torch
+
+from fleetlm.attention.base import AttentionBackend
+
+BACKENDS = ("auto", "torch_paged", "cpu_native")
+
+
+def get_attention_backend(name: str, device: torch.device, block_size: int, dtype: torch.dtype) -> AttentionBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend {name!r} is not known; choose one of: {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "torch_paged"
+        if device.type == "cpu":
+            from fleetlm.attention.cpu_native import load_kernel
+
+            name = "cpu_native" if load_kernel() is not None else "torch_paged"
+    if name == "cpu_native":
+        if device.type != "cpu":
+            raise ValueError("attention_backend 'cpu_native' runs on the CPU only")
+        from fleetlm.attention.cpu_native import CpuNativeBackend
+
+        return CpuNativeBackend(block_size, dtype)
+    from fleetlm.attention.torch_paged import TorchPagedBackend
+
+    return TorchPagedBackend(block_size, dtype)
