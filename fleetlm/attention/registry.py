@@ -15,9 +15,9 @@ def get_attention_backend(name: str, device: torch.device, block_size: int, dtyp
     if name == "auto":
         name = "torch_paged"
         if device.type == "cpu":
-            from fleetlm.attention.cpu_native import load_kernel
+            from fleetlm.ops import cpu_ops
 
-            name = "cpu_native" if load_kernel() is not None else "torch_paged"
+            name = "cpu_native" if cpu_ops() is not None else "torch_paged"
     if name == "cpu_native":
         if device.type != "cpu":
             raise ValueError("attention_backend 'cpu_native' runs on the CPU only")

@@ -44,6 +44,14 @@ class LlamaAttention(nn.Module):
         out = self.attn(q, k, v)
         return F.linear(out.reshape(t, self.h * self.d), self.o_weight)
 
+    def forward_fused(self, ops, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        ops.rope_(qkv, self.h + self.hkv, self.d, self.rope.cos, self.rope.sin_signed, positions)
+        qkv = qkv.view(t, self.h + 2 * self.hkv, self.d)
+        out = self.attn(qkv[:, : self.h], qkv[:, self.h : self.h + self.hkv], qkv[:, self.h + self.hkv :])
+        return F.linear(out.reshape(t, self.h * self.d), self.o_weight)
+
     def shards(self) -> dict[str, tuple[nn.Parameter, int, int]]:
         h, kv = self.h * self.d, self.hkv * self.d
         out = {}
@@ -65,6 +73,9 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(x, self.gate_up_weight)
         return F.linear(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :], self.down_weight)
+
+    def forward_fused(self, ops, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(ops.silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
 
     def shards(self) -> dict[str, tuple[nn.Parameter, int, int]]:
         i = self.inter
@@ -98,13 +109,35 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rope, dtype) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.ops = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
+        if self.ops is not None:
+            return self._forward_fused(positions, x)
         cos_sin = self.rope.lookup(positions)
         for layer in self.layers:
             x = layer(cos_sin, x)
         return self.norm(x)
+
+    def use_fused_ops(self, ops) -> None:
+        """Run with the compiled fused ops (bf16/fp16 on CPU). fp32 keeps the op-for-op
+        reference path so greedy outputs stay token-identical to transformers."""
+        self.ops = ops
+
+    def _forward_fused(self, positions: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Same maths, residual stream kept apart: each add_rms_norm_ adds the block output to
+        the residual and normalizes the sum for the next block, in one pass."""
+        ops, eps = self.ops, self.config.rms_norm_eps
+        h = residual.clone()
+        ops.add_rms_norm_(h, None, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            h = layer.self_attn.forward_fused(ops, positions, h)
+            ops.add_rms_norm_(h, residual, layer.post_attention_layernorm.weight, eps)
+            h = layer.mlp.forward_fused(ops, h)
+            nxt = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
+            ops.add_rms_norm_(h, residual, nxt, eps)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()

@@ -40,6 +40,12 @@ class Worker:
             model = cls(files.config, self.dtype, self.max_model_len)
         model.load_weights(files.weights)
         model.eval()
+        if self.device.type == "cpu" and self.dtype != torch.float32 and hasattr(model, "use_fused_ops"):
+            from fleetlm.ops import cpu_ops
+
+            ops = cpu_ops()
+            if ops is not None:
+                model.use_fused_ops(ops)
         self.runner = ModelRunner(model, block_size=self.args.block_size, device=self.device,
                                   eos_token_id=files.tokenizer.eos_token_id,
                                   attention_backend=self.args.attention_backend)

@@ -20,7 +20,7 @@ def req(rid, n_prompt, max_tokens=4, start=0):
 def fake_run(s: Scheduler, so):
     """Sample for requests whose known tokens are all computed after this step."""
     ids, toks = [], []
-    for rid, n in so.num_scheduled_tokens.items():
+    for rid, _n in so.num_scheduled_tokens.items():
         r = s.requests[rid]
         ids.append(rid)
         toks.append([(r.num_tokens + 1) % 1000] if r.num_computed_tokens == r.num_tokens else [])

@@ -173,6 +173,114 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused elementwise ops for bf16/fp16 models. Rows are processed inline when the tensor is
+// small (a decode step), so no idle thread has to be woken for a few microseconds of work.
+namespace {
+
+constexpr int64_t kInlineElems = 1 << 16;
+
+inline int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, kInlineElems / row_elems); }
+
+template <typename T>
+void add_rms_norm_rows(T* x, T* residual, const T* w, int64_t rows, int64_t n, float eps) {
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = x + r * n;
+      T* rr = residual ? residual + r * n : nullptr;
+      float ss = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        float v = to_float(xr[i]);
+        if (rr) {
+          v += to_float(rr[i]);
+          rr[i] = static_cast<T>(v);
+          v = to_float(rr[i]);  // the stored (rounded) residual is what the reference normalizes
+        }
+        buf[i] = v;
+        ss += v * v;
+      }
+      const float inv = 1.f / std::sqrt(ss / n + eps);
+      for (int64_t i = 0; i < n; ++i) xr[i] = static_cast<T>(buf[i] * inv * to_float(w[i]));
+    }
+  });
+}
+
+template <typename T>
+void rope_rows(T* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t d, const T* cos,
+               const T* sin_signed, const int64_t* pos) {
+  const int64_t half = d / 2;
+  at::parallel_for(0, rows, row_grain(heads * d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* c = cos + pos[r] * d;
+      const T* s = sin_signed + pos[r] * d;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* v = x + r * row_stride + h * d;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = to_float(v[i]), b = to_float(v[i + half]);
+          v[i] = static_cast<T>(a * to_float(c[i]) + b * to_float(s[i]));
+          v[i + half] = static_cast<T>(b * to_float(c[i + half]) + a * to_float(s[i + half]));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, row_grain(2 * n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gate_up + r * 2 * n;
+      const T* u = g + n;
+      T* o = out + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const float a = to_float(g[i]);
+        o[i] = static_cast<T>(a / (1.f + std::exp(-a)) * to_float(u[i]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [T, n] normalized in place; if residual is given, residual += x first (in place) and the
+// sum is normalized. weight [n].
+void add_rms_norm_(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "add_rms_norm_: contiguous tensors required");
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm_", [&] {
+    scalar_t* res = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+    add_rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), res, weight.data_ptr<scalar_t>(), rows, n,
+                                static_cast<float>(eps));
+  });
+}
+
+// Rotates the first `heads` heads of each row of x [T, >= heads*d] (row stride x.stride(0)) in
+// place; cos / sin_signed [max_pos, d] (sin with its first half negated); positions [T] int64.
+void rope_(torch::Tensor x, int64_t heads, int64_t d, torch::Tensor cos, torch::Tensor sin_signed,
+           torch::Tensor positions) {
+  TORCH_CHECK(x.stride(1) == 1 && cos.is_contiguous() && sin_signed.is_contiguous(), "rope_: bad strides");
+  auto pos = positions.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope_", [&] {
+    rope_rows<scalar_t>(x.data_ptr<scalar_t>(), x.size(0), x.stride(0), heads, d, cos.data_ptr<scalar_t>(),
+                        sin_signed.data_ptr<scalar_t>(), pos.data_ptr<int64_t>());
+  });
+}
+
+// gate_up [T, 2n] -> silu(gate) * up [T, n]
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous(), "silu_and_mul: contiguous input required");
+  const int64_t n = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * n);
+  auto out = torch::empty({rows, n}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
+    silu_mul_rows<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (CPU)");
+  m.def("add_rms_norm_", &add_rms_norm_, "in-place (residual add +) RMSNorm");
+  m.def("rope_", &rope_, "in-place rotary embedding");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
 }
