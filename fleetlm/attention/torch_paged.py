@@ -1,10 +1,11 @@
 """Paged attention in plain PyTorch (CPU and CUDA): scaled_dot_product_attention over K/V
 gathered from the block table.
 
-Decodes run as one batched SDPA with the GQA group folded into the query axis. Prefills are
-padded to the longest query of the step; when no prefill has cached context (the common case)
-the step's own K/V are used directly with a causal mask, otherwise K/V are gathered from the
-cache and masked explicitly.
+Decodes run as one batched SDPA with the GQA group folded into the query axis. Prefills of
+equal length without cached context (the common bulk case) run as one causal SDPA on the step's
+own K/V; otherwise each prefill gets its own SDPA, never padded to a longer neighbour: causal on
+its own K/V, or, when it has cached context (a prefix hit or a later chunk), over K/V read from
+its blocks with a causal mask offset by the context.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ class TorchPagedMetadata:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb*bs] additive (0 or -inf)
     decode_seq_lens: torch.Tensor | None  # [Bd] int64
     num_prefills: int
-    prefill_max_q: int
-    prefill_pad_index: torch.Tensor | None  # [Tp] position of each prefill token in [Bp*max_q]
-    prefill_block_table: torch.Tensor | None  # [Bp, nb] (only when some prefill has context)
-    prefill_mask: torch.Tensor | None  # [Bp, 1, max_q, max_kv] additive; None = plain causal
-    prefill_uniform: bool  # every prefill has the same query length: no padding needed
+    prefill_batched: int  # > 0: every prefill has this query length and no context: one SDPA
+    prefill_segments: list[PrefillSegment]  # otherwise: one SDPA per prefill, no padding
+
+
+@dataclass(frozen=True)
+class PrefillSegment:
+    start: int  # rows of this request within the step's prefill tokens
+    end: int
+    block_ids: torch.Tensor | None  # its blocks, when it has cached context to attend to
+    kv_len: int
+    mask: torch.Tensor | None  # [q, kv_len] additive causal mask offset by the context
 
 
 class TorchPagedBackend(AttentionBackend):
@@ -52,25 +59,26 @@ class TorchPagedBackend(AttentionBackend):
         dec_bt, dec_mask = self._decode_metadata(layout, device) if nd else (None, None)
         dec_lens = torch.from_numpy(layout.seq_lens[:nd]).to(device) if nd else None
         q_lens, ctx = layout.query_lens[nd:], layout.context_lens[nd:]
-        num_p, bs = len(q_lens), self.block_size
-        pad_index = p_bt = p_mask = None
-        max_q = int(q_lens.max()) if num_p else 0
-        if num_p:
-            rows = np.repeat(np.arange(num_p), q_lens)
-            starts = np.repeat(np.cumsum(q_lens) - q_lens, q_lens)
-            within = np.arange(int(q_lens.sum())) - starts
-            pad_index = torch.from_numpy(rows * max_q + within).to(device)
-            if ctx.any():
-                kv_lens = ctx + q_lens
-                nb = int(-(-kv_lens.max() // bs))
-                p_bt = torch.from_numpy(layout.block_table[nd:, :nb]).to(device)
-                j = np.arange(nb * bs)[None, None, :]
-                i = np.arange(max_q)[None, :, None]
-                mask = (j <= ctx[:, None, None] + i) & (j < kv_lens[:, None, None])
-                p_mask = self._additive(mask, device)[:, None]
-        uniform = bool(num_p) and bool((q_lens == max_q).all())
+        num_p = len(q_lens)
+        batched = int(q_lens[0]) if num_p and (q_lens == q_lens[0]).all() and not ctx.any() else 0
+        segments = [] if batched or not num_p else self._segments(layout, device)
         return TorchPagedMetadata(layout.slot_mapping.to(device), nd, dec_bt, dec_mask, dec_lens,
-                                  num_p, max_q, pad_index, p_bt, p_mask, uniform)
+                                  num_p, batched, segments)
+
+    def _segments(self, layout: BatchLayout, device: torch.device) -> list[PrefillSegment]:
+        nd, bs = layout.num_decodes, self.block_size
+        out, start = [], 0
+        for q, c, row in zip(layout.query_lens[nd:], layout.context_lens[nd:], layout.block_table[nd:]):
+            q, c = int(q), int(c)
+            blocks = mask = None
+            if c:
+                blocks = torch.from_numpy(row[: -(-(c + q) // bs)]).to(device)
+                if q > 1:
+                    allowed = np.arange(c + q)[None, :] <= c + np.arange(q)[:, None]
+                    mask = self._additive(allowed, device)
+            out.append(PrefillSegment(start, start + q, blocks, c + q, mask))
+            start += q
+        return out
 
     def _decode_metadata(self, layout: BatchLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Block table cut to the longest decode, and its additive padding mask."""
@@ -110,26 +118,21 @@ class TorchPagedBackend(AttentionBackend):
         return out.reshape(bd, h, d)
 
     def _prefill(self, q, k, v, kv_cache, meta) -> torch.Tensor:
-        bp, max_q = meta.num_prefills, meta.prefill_max_q
         h, d = q.shape[1], q.shape[2]
-        if bp == 1 and meta.prefill_mask is None:
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                is_causal=True, enable_gqa=True)
-            return out[0].transpose(0, 1)
-        pad = (lambda x: x) if meta.prefill_uniform else (lambda x: self._pad(x, meta, bp * max_q))
-        qp = pad(q).view(bp, max_q, h, d).transpose(1, 2)
-        if meta.prefill_mask is None:
-            kp = pad(k).view(bp, max_q, -1, d).transpose(1, 2)
-            vp = pad(v).view(bp, max_q, -1, d).transpose(1, 2)
+        if meta.prefill_batched:
+            bp, n = meta.num_prefills, meta.prefill_batched
+            qp, kp, vp = (x.view(bp, n, -1, d).transpose(1, 2) for x in (q, k, v))
             out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
-        else:
-            kp, vp = self._gather(kv_cache, meta.prefill_block_table)
-            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.prefill_mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(bp * max_q, h, d)
-        return out if meta.prefill_uniform else out.index_select(0, meta.prefill_pad_index)
-
-    @staticmethod
-    def _pad(x: torch.Tensor, meta: TorchPagedMetadata, rows: int) -> torch.Tensor:
-        out = x.new_zeros((rows, *x.shape[1:]))
-        return out.index_copy_(0, meta.prefill_pad_index, x)
+            return out.transpose(1, 2).reshape(bp * n, h, d)
+        outs = []
+        for seg in meta.prefill_segments:
+            qs = q[seg.start : seg.end].transpose(0, 1)[None]
+            if seg.block_ids is None:
+                ks, vs = (x[seg.start : seg.end].transpose(0, 1)[None] for x in (k, v))
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            else:
+                _, _, bs, hkv, _ = kv_cache.shape
+                kv = kv_cache[:, seg.block_ids].view(2, -1, hkv, d)[:, : seg.kv_len].transpose(1, 2)
+                o = F.scaled_dot_product_attention(qs, kv[0][None], kv[1][None], attn_mask=seg.mask, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

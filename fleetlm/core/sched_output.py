@@ -76,6 +76,7 @@ class EngineCoreOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:

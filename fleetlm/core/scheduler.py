@@ -197,6 +197,7 @@ class Scheduler:
                     new_logprobs=result.logprobs.get(rid),
                     prompt_logprobs=prompt_lps,
                     num_cached_tokens=max(req.num_cached_tokens, 0),
+                    first_scheduled_time=req.first_scheduled_time,
                 )
             )
             if req.is_finished:

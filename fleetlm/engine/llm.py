@@ -57,7 +57,9 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not messages:
+            raise ValueError("messages is empty: pass a conversation or a list of conversations")
+        convs = [messages] if isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         encoded = []
         for conv in convs:

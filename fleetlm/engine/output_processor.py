@@ -81,6 +81,7 @@ class OutputProcessor:
         if o.prompt_logprobs is not None:
             ps.prompt_logprobs = o.prompt_logprobs
         ps.num_cached_tokens = o.num_cached_tokens
+        ps.metrics.first_scheduled_time = ps.metrics.first_scheduled_time or o.first_scheduled_time
         if o.error is not None:
             ps.error = o.error
         if o.new_token_ids:

@@ -20,6 +20,7 @@ def test_string_and_token_id_prompts_agree(llm_fp32):
     assert a.outputs[0].finish_reason == "length" and len(a.outputs[0].token_ids) == 12
     m = a.metrics
     assert m.time_to_first_token is not None and 0 < m.time_to_first_token <= m.e2e_latency
+    assert 0 <= m.time_in_queue <= m.time_to_first_token
 
 
 def test_n_samples_share_the_prompt_and_seeds_reproduce(llm_fp32):
@@ -102,3 +103,17 @@ def test_request_that_never_fits_fails_alone():
 def test_engine_argument_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         LLM(**kw)
+
+
+def test_planner_kv_sizing_equals_the_engine_allocation(llm_fp32, model_path):
+    """One source of truth: the planner's bytes per token and block count for SmolLM2 are what
+    the running engine allocated (fp32 KV, 256 MiB budget)."""
+    from fleetlm.plan import kv_cache_num_blocks, load_model_spec
+    from fleetlm.plan.memory import kv_bytes_per_token
+
+    spec = load_model_spec(str(model_path))
+    per_token = kv_bytes_per_token(spec, "fp32")
+    core = llm_fp32.engine.core
+    assert core.cache_config.num_blocks == kv_cache_num_blocks(256 << 20, 16, per_token)
+    cache = core.executor.worker.runner.kv_cache
+    assert cache.nbytes == core.cache_config.num_blocks * 16 * per_token
