@@ -60,14 +60,14 @@ class EngineArgs:
     max_model_len: int | None = None  # default: the model's context length, capped at 8192
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV cache on CPU (default 2 GiB)
-    gpu_memory_utilization: float = 0.9  # fraction of free CUDA memory for weights + KV
+    gpu_memory_utilization: float | None = None  # CUDA only: fraction of free memory (default 0.9)
     num_kv_blocks: int | None = None  # override the budget (tests: force preemption)
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     num_threads: int | None = None  # CPU intra-op threads (default: all cores)
     attention_backend: str = "auto"  # auto | torch_paged | cpu_native
-    seed: int = 0
+    seed: int = 0  # seeds the sampling of requests that have no seed of their own
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -80,8 +80,11 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.gpu_memory_utilization is not None:
+            if not 0.0 < self.gpu_memory_utilization <= 1.0:
+                raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            if self.resolved_device != "cuda":
+                raise ValueError("gpu_memory_utilization applies to CUDA only; on the CPU size the KV cache with kv_cache_memory")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -18,16 +18,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", type=_bytes, help="KV cache bytes on CPU, e.g. 2GiB, 512MiB")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--gpu-memory-utilization", type=float, help="CUDA only (default 0.9)")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--num-threads", type=int, help="CPU intra-op threads (default: all usable cores)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch_paged", "cpu_native"])
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ("dtype", "device", "max_model_len", "block_size", "kv_cache_memory", "gpu_memory_utilization",
-            "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads")
+            "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads", "attention_backend")
     return {k: getattr(args, k) for k in keys}
 
 

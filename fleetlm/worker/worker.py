@@ -30,9 +30,9 @@ class Worker:
         self.device = torch.device(args.resolved_device)
         self.max_model_len = max_model_len
         self.runner: ModelRunner | None = None
-        if self.device.type == "cpu":
-            threads = args.num_threads or len(os.sched_getaffinity(0))
-            torch.set_num_threads(threads)
+        if self.device.type == "cpu" or args.num_threads:
+            torch.set_num_threads(args.num_threads or len(os.sched_getaffinity(0)))
+        torch.manual_seed(args.seed)  # unseeded requests draw from the global generator
 
     def load_model(self, files: LoadedModel) -> None:
         cls = get_model_class(files.config.architecture)
@@ -62,7 +62,8 @@ class Worker:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             workspace = self.args.max_num_batched_tokens * self.runner.cfg.vocab_size * 4 + (512 << 20)
-            budget = self.args.kv_cache_memory or int(free * self.args.gpu_memory_utilization) - workspace
+            util = self.args.gpu_memory_utilization or 0.9
+            budget = self.args.kv_cache_memory or int(free * util) - workspace
         else:
             budget = self.args.kv_cache_memory or DEFAULT_CPU_KV_BYTES
         return kv_cache_num_blocks(budget, self.args.block_size, self.kv_bytes_per_token())

@@ -117,3 +117,16 @@ def test_planner_kv_sizing_equals_the_engine_allocation(llm_fp32, model_path):
     assert core.cache_config.num_blocks == kv_cache_num_blocks(256 << 20, 16, per_token)
     cache = core.executor.worker.runner.kv_cache
     assert cache.nbytes == core.cache_config.num_blocks * 16 * per_token
+
+
+def test_engine_seed_makes_unseeded_sampling_reproducible(tiny_model_dir):
+    sp = SamplingParams(temperature=1.0, max_tokens=8)
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8]}] * 3
+    runs = [[o.outputs[0].token_ids for o in LLM(str(tiny_model_dir), seed=s, kv_cache_memory=16 << 20).generate(prompts, sp, use_tqdm=False)]
+            for s in (1, 1, 2)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_cuda_only_argument_is_rejected_on_cpu():
+    with pytest.raises(ValueError, match="CUDA only"):
+        LLM(device="cpu", gpu_memory_utilization=0.5)
