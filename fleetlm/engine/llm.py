@@ -79,16 +79,22 @@ class LLM:
                 results[rid] = _failed(rid, text, toks, sp, str(e))
                 continue
             accepted.append((rid, text, toks, sp))
-        for rid, text, toks, sp in accepted:
-            eng.add_request(rid, text, toks, sp)
         bar = _progress(len(accepted)) if use_tqdm and len(accepted) > 1 else None
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                results[out.request_id] = out
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            for rid, text, toks, sp in accepted:
+                eng.add_request(rid, text, toks, sp)
+            while eng.has_unfinished_requests():
+                for out in eng.step():
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:  # an error or Ctrl-C: nothing of this call stays queued or holds KV
+            for rid, *_ in accepted:
+                eng.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [results[rid] for rid in ids]
 
 

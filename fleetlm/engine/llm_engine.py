@@ -75,6 +75,10 @@ class LLMEngine:
         for r in reqs:
             self.core.add_request(r)
 
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request everywhere; its KV blocks go back to the pool."""
+        self.core.abort_requests(self.output_processor.abort(request_id))
+
     def next_request_id(self) -> str:
         return str(next(self._ids))
 

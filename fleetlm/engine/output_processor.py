@@ -113,5 +113,14 @@ class OutputProcessor:
         return RequestOutput(pid, ps.prompt, ps.prompt_token_ids, outs, True, ps.metrics,
                              ps.prompt_logprobs, ps.num_cached_tokens, ps.error)
 
+    def abort(self, request_id: str) -> list[str]:
+        """Forget a request; returns its child ids (to abort in the core)."""
+        ps = self.parents.pop(request_id, None)
+        if ps is None:
+            return []
+        for cid in ps.samples:
+            self.child_to_parent.pop(cid, None)
+        return list(ps.samples)
+
     def has_unfinished(self) -> bool:
         return bool(self.parents)

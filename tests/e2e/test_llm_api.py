@@ -130,3 +130,26 @@ def test_engine_seed_makes_unseeded_sampling_reproducible(tiny_model_dir):
 def test_cuda_only_argument_is_rejected_on_cpu():
     with pytest.raises(ValueError, match="CUDA only"):
         LLM(device="cpu", gpu_memory_utilization=0.5)
+
+
+def test_a_failing_step_leaves_no_request_or_block_behind(tiny_model_dir, monkeypatch):
+    llm = LLM(str(tiny_model_dir), dtype="float32", kv_cache_memory=16 << 20)
+    sched = llm.engine.core.scheduler
+    start = sched.kv.num_free_blocks
+    runner = llm.engine.core.executor.worker.runner
+    calls = {"n": 0}
+    real = runner.execute_model
+
+    def flaky(so):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(so)
+
+    monkeypatch.setattr(runner, "execute_model", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    assert not sched.has_unfinished_requests() and sched.kv.num_free_blocks == start
+    assert not llm.engine.output_processor.parents
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4  # the engine still works
