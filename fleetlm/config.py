@@ -80,6 +80,10 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
+            raise ValueError("set num_kv_blocks or kv_cache_memory, not both: they size the same KV cache")
+        if self.gpu_memory_utilization is not None and self.kv_cache_memory is not None:
+            raise ValueError("set gpu_memory_utilization or kv_cache_memory, not both: they size the same KV cache")
         if self.gpu_memory_utilization is not None:
             if not 0.0 < self.gpu_memory_utilization <= 1.0:
                 raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

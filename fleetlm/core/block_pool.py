@@ -68,14 +68,19 @@ class BlockPool:
                 del self._free[b.block_id]
             b.ref_cnt += 1
 
-    def insert(self, block: KVCacheBlock, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]) -> None:
-        """Make a full, computed block hittable. First writer wins for a duplicate hash."""
-        if not self.enable_caching or block.block_hash is not None:
-            return
-        if block_hash in self._cached:
-            return
+    def insert(self, block: KVCacheBlock, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]) -> bool:
+        """Make a full block hittable; True if it was inserted (first writer wins per hash)."""
+        if not self.enable_caching or block.block_hash is not None or block_hash in self._cached:
+            return False
         block.block_hash, block.parent_hash, block.token_ids = block_hash, parent_hash, tuple(token_ids)
         self._cached[block_hash] = block
+        return True
+
+    def uncache(self, block: KVCacheBlock) -> None:
+        """Withdraw a block from the prefix cache (its K/V turned out never to be written)."""
+        if block.block_hash is not None and self._cached.get(block.block_hash) is block:
+            del self._cached[block.block_hash]
+        block.reset_hash()
 
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is not None:

@@ -5,7 +5,9 @@ Rules:
   ``[i*block_size, (i+1)*block_size)``.
 - A block is inserted in the prefix cache as soon as it is full of tokens whose K/V are written
   in the step being scheduled (K/V are written for the whole batch before any attention reads,
-  so a later request of the same step may already hit it).
+  so a later request of the same step may already hit it). If that step fails, ``rollback``
+  withdraws the step's insertions, so no one ever hits K/V that was not written; ``commit``
+  after a successful step makes them permanent.
 - A hit never covers the last prompt token: there must be logits to sample from.
 - Requests that need prompt logprobs skip the cache lookup (their logits must be computed).
 """
@@ -36,6 +38,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.stats = PrefixCacheStats()
+        self._step_inserted: list[KVCacheBlock] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -100,7 +103,18 @@ class KVCacheManager:
         for i in range(num_tokens // bs):
             if blocks[i].block_hash is None:
                 parent = req.block_hashes[i - 1] if i else None
-                self.pool.insert(blocks[i], req.block_hashes[i], parent, req.token_slice(i * bs, (i + 1) * bs))
+                if self.pool.insert(blocks[i], req.block_hashes[i], parent, req.token_slice(i * bs, (i + 1) * bs)):
+                    self._step_inserted.append(blocks[i])
+
+    def commit(self) -> None:
+        """The step ran: the blocks it inserted hold real K/V."""
+        self._step_inserted.clear()
+
+    def rollback(self) -> None:
+        """The step failed: withdraw what it inserted in the prefix cache."""
+        for block in self._step_inserted:
+            self.pool.uncache(block)
+        self._step_inserted.clear()
 
     def free(self, req: Request) -> None:
         """Return all of ``req``'s blocks (tail first, so tails are evicted before shared heads)."""

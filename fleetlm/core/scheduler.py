@@ -207,7 +207,7 @@ class Scheduler:
     def _check_stop(self, req: Request, token: int) -> bool:
         sp = req.sampling_params
         if req.num_output_tokens > sp.min_tokens:  # EOS/stop ids are masked before min_tokens
-            if not sp.ignore_eos and token == req.eos_token_id:
+            if not sp.ignore_eos and token in req.eos_token_ids:
                 req.status = RequestStatus.FINISHED_STOPPED
                 return True
             if token in sp.stop_token_ids:

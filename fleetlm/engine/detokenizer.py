@@ -2,7 +2,9 @@
 
 Text is emitted only once it is stable: a token window is decoded with a little left context,
 and nothing is emitted while the tail is an incomplete UTF-8 sequence (U+FFFD), so streaming
-never shows broken characters and the concatenated pieces equal a full decode.
+never shows broken characters and the concatenated pieces equal a full decode. The window
+starts with the last few prompt tokens, so tokenizers that drop a word's leading space when it is
+decoded alone (SentencePiece) still give the first output token its space.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ from __future__ import annotations
 from fleetlm.models.tokenizer import Tokenizer
 from fleetlm.sampling_params import SamplingParams
 
+PROMPT_CONTEXT = 5  # prompt tokens decoded as left context
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: list[int] | tuple = ()) -> None:
         self.tokenizer = tokenizer
         self.params = params
-        self.token_ids: list[int] = []
+        self.token_ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:])  # context + decoded output
         self.text = ""
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(self.token_ids)
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
         self.stop_reason: str | None = None
 

@@ -50,7 +50,12 @@ class EngineCore:
         if not self.scheduler.has_unfinished_requests():
             return []
         so = self.scheduler.schedule()
-        result = self.executor.execute_model(so)
+        try:
+            result = self.executor.execute_model(so)
+        except BaseException:
+            self.scheduler.kv.rollback()  # nothing was written: no prefix hit may point there
+            raise
+        self.scheduler.kv.commit()
         return self.scheduler.update_from_output(so, result)
 
     def shutdown(self) -> None:

@@ -63,7 +63,7 @@ class LLMEngine:
             params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))
         reqs = [
             Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params.for_sample(i),
-                    eos_token_id=self.tokenizer.eos_token_id)
+                    eos_token_ids=self.tokenizer.eos_token_ids)
             for i in range(params.n)
         ]
         self.core.scheduler.check_request(reqs[0])

@@ -4,7 +4,7 @@ abort the request in the core), joins the ``n`` samples of a request, and keeps 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fleetlm.core.sched_output import EngineCoreOutput
 from fleetlm.engine.detokenizer import IncrementalDetokenizer
@@ -17,6 +17,7 @@ from fleetlm.sampling_params import SamplingParams
 class SampleState:
     index: int
     detok: IncrementalDetokenizer
+    token_ids: list[int]
     logprobs: list | None
     cumulative_logprob: float | None
     finish_reason: str | None = None
@@ -51,7 +52,7 @@ class OutputProcessor:
         ps = ParentState(request_id, prompt, prompt_ids, params, RequestMetrics(arrival))
         for i, cid in enumerate(child_ids):
             want_lp = params.logprobs is not None
-            ps.samples[cid] = SampleState(i, IncrementalDetokenizer(self.tokenizer, params),
+            ps.samples[cid] = SampleState(i, IncrementalDetokenizer(self.tokenizer, params, prompt_ids), [],
                                           [] if want_lp else None, 0.0 if want_lp else None)
             self.child_to_parent[cid] = request_id
         self.parents[request_id] = ps
@@ -79,7 +80,7 @@ class OutputProcessor:
     def _apply(self, ps: ParentState, s: SampleState, o: EngineCoreOutput, now: float) -> bool:
         """Fold one output into the sample; True if a stop string ended it (abort in the core)."""
         if o.prompt_logprobs is not None:
-            ps.prompt_logprobs = o.prompt_logprobs
+            ps.prompt_logprobs = [None if p is None else self._decoded(p) for p in o.prompt_logprobs]
         ps.num_cached_tokens = o.num_cached_tokens
         ps.metrics.first_scheduled_time = ps.metrics.first_scheduled_time or o.first_scheduled_time
         if o.error is not None:
@@ -88,25 +89,33 @@ class OutputProcessor:
             ps.metrics.first_token_time = ps.metrics.first_token_time or now
             ps.metrics.last_token_time = now
             if s.logprobs is not None and o.new_logprobs:
-                s.logprobs.extend(o.new_logprobs)
+                s.logprobs.extend(self._decoded(p) for p in o.new_logprobs)
                 for tok, pos in zip(o.new_token_ids, o.new_logprobs):
                     s.cumulative_logprob += pos[tok].logprob
-        delta = s.detok.add_tokens(o.new_token_ids)
-        stopped_by_string = False
-        if len(s.detok.token_ids) > ps.params.min_tokens and s.detok.check_stop(len(delta)):
+        s.token_ids.extend(o.new_token_ids)
+        text_ids = o.new_token_ids
+        if o.finish_reason == "stop" and not ps.params.include_stop_str_in_output:
+            text_ids = text_ids[:-1]  # the EOS / stop token that ended it is not part of the text
+        delta = s.detok.add_tokens(text_ids)
+        if o.finish_reason is not None:
+            delta += s.detok.flush()
+        if len(s.token_ids) > ps.params.min_tokens and s.detok.check_stop(len(delta)):
             s.finish_reason, s.stop_reason = "stop", s.detok.stop_reason
-            stopped_by_string = o.finish_reason is None
-        elif o.finish_reason is not None:
-            s.detok.flush()
+            return o.finish_reason is None  # still running in the core: abort it there
+        if o.finish_reason is not None:
             s.finish_reason, s.stop_reason = o.finish_reason, o.stop_reason
-        return stopped_by_string
+        return False
+
+    def _decoded(self, pos: dict) -> dict:
+        return {t: replace(lp, decoded_token=self.tokenizer.decode([t], skip_special_tokens=False))
+                for t, lp in pos.items()}
 
     def _finish(self, pid: str) -> RequestOutput:
         ps = self.parents.pop(pid)
         for cid in ps.samples:
             self.child_to_parent.pop(cid, None)
         outs = [
-            CompletionOutput(s.index, s.detok.text, list(s.detok.token_ids), s.cumulative_logprob,
+            CompletionOutput(s.index, s.detok.text, s.token_ids, s.cumulative_logprob,
                              s.logprobs, s.finish_reason, s.stop_reason)
             for s in sorted(ps.samples.values(), key=lambda s: s.index)
         ]

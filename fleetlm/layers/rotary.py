@@ -18,7 +18,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)")
+    if kind == "freq_factors":  # GGUF rope_freqs tensor: per-frequency divisors (Llama-3.1 GGUFs)
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
+    raise ValueError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3, freq_factors)")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:

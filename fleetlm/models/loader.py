@@ -6,6 +6,7 @@ in the requested dtype; the model classes only ever see that one naming.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 from fleetlm.models.tokenizer import Tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
 
 GGUF_MAGIC = b"GGUF"
+ROPE_FREQS = "rope_freqs.weight"
 
 
 @dataclass(frozen=True)
@@ -201,10 +203,14 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     reader = gguf.GGUFReader(str(path))
     fields = gguf_fields(reader)
     config = config_from_gguf(fields, {t.name for t in reader.tensors})
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:  # RoPE frequency factors stored as a tensor (Llama-3.1 style scaling)
+        factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
+        config = dataclasses.replace(config, rope_scaling={"rope_type": "freq_factors", "factors": tuple(float(f) for f in factors)})
     llama_permuted = fields.get("general.architecture") == "llama"
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        for t in reader.tensors:
+        for t in (t for t in reader.tensors if t.name != ROPE_FREQS):
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
             arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
             kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""

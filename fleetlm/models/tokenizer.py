@@ -40,10 +40,13 @@ class Tokenizer:
     """Text <-> token ids, special ids and the chat template for one model."""
 
     def __init__(self, backend: Any, *, bos_token_id: int | None, eos_token_id: int | None,
-                 add_bos: bool, chat_template: str | None) -> None:
+                 add_bos: bool, chat_template: str | None, extra_eos_ids: tuple[int, ...] = ()) -> None:
         self.backend = backend  # a tokenizers.Tokenizer
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        # every id that ends a sequence (e.g. Llama-3's <|eot_id|> beside <|end_of_text|>)
+        ids = ((eos_token_id,) if eos_token_id is not None else ()) + tuple(extra_eos_ids)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(ids))
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._template = None
@@ -128,6 +131,7 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any]) -> Tokenizer:
         eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
         add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=fields.get("tokenizer.chat_template"),
+        extra_eos_ids=tuple(fields[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in fields),
     )
 
 
@@ -153,12 +157,14 @@ def tokenizer_from_hf_dir(path: Path, config: dict[str, Any]) -> Tokenizer:
         return backend.token_to_id(tok) if tok else None
 
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
-    eos = eos[0] if isinstance(eos, list) and eos else eos
+    all_eos = tuple(eos) if isinstance(eos, list) else ()
+    eos = all_eos[0] if all_eos else eos
     eos = eos if isinstance(eos, int) else tok_id("eos_token")
     bos = config.get("bos_token_id")
     bos = bos if isinstance(bos, int) else tok_id("bos_token")
     # tokenizer.json's post-processor adds BOS itself when the model wants one
-    return Tokenizer(backend, bos_token_id=bos, eos_token_id=eos, add_bos=False, chat_template=template)
+    return Tokenizer(backend, bos_token_id=bos, eos_token_id=eos, add_bos=False, chat_template=template,
+                     extra_eos_ids=all_eos[1:])
 
 
 def _read_json(path: Path) -> dict[str, Any]:

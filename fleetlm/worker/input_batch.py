@@ -21,7 +21,7 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
     prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
 
     @property
@@ -52,8 +52,8 @@ class CachedRequestState:
         if len(self.output_token_ids) >= sp.min_tokens:
             return []
         ids = list(sp.stop_token_ids)
-        if self.eos_token_id is not None and not sp.ignore_eos:
-            ids.append(self.eos_token_id)
+        if not sp.ignore_eos:
+            ids += self.eos_token_ids
         return ids
 
 

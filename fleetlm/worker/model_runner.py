@@ -20,12 +20,12 @@ from fleetlm.worker.input_batch import CachedRequestState, build_sampling_metada
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, block_size: int, device: torch.device,
-                 eos_token_id: int | None, attention_backend: str = "auto") -> None:
+                 eos_token_ids: tuple[int, ...], attention_backend: str = "auto") -> None:
         self.model = model
         self.cfg = model.config
         self.block_size = block_size
         self.device = device
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids
         self.backend = get_attention_backend(attention_backend, device, block_size, next(model.parameters()).dtype)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
@@ -46,7 +46,7 @@ class ModelRunner:
         for r in so.scheduled_new_reqs:
             self.states[r.req_id] = CachedRequestState(
                 r.req_id, r.prompt_token_ids, list(r.output_token_ids), r.sampling_params,
-                list(r.block_ids), r.num_computed_tokens, self.eos_token_id)
+                list(r.block_ids), r.num_computed_tokens, self.eos_token_ids)
         for r in so.scheduled_cached_reqs:
             st = self.states[r.req_id]
             st.block_ids.extend(r.new_block_ids)

@@ -47,7 +47,7 @@ class Worker:
             if ops is not None:
                 model.use_fused_ops(ops)
         self.runner = ModelRunner(model, block_size=self.args.block_size, device=self.device,
-                                  eos_token_id=files.tokenizer.eos_token_id,
+                                  eos_token_ids=files.tokenizer.eos_token_ids,
                                   attention_backend=self.args.attention_backend)
 
     def kv_bytes_per_token(self) -> int:

@@ -32,6 +32,16 @@ def test_n_samples_share_the_prompt_and_seeds_reproduce(llm_fp32):
     assert len({tuple(o.token_ids) for o in first.outputs}) > 1
 
 
+def test_stop_token_id_ends_the_text_without_itself(llm_fp32):
+    free = llm_fp32.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0), use_tqdm=False)[0].outputs[0]
+    k = next(i for i in range(2, 20) if free.token_ids[i] not in free.token_ids[:i])  # first new id
+    stop_id = free.token_ids[k]
+    out = llm_fp32.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free.token_ids[: k + 1] and out.stop_reason == stop_id and out.finish_reason == "stop"
+    tok = llm_fp32.get_tokenizer()
+    assert out.text == tok.decode(free.token_ids[:k])
+
+
 def test_stop_string_is_trimmed_and_reported(llm_fp32):
     free = llm_fp32.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0), use_tqdm=False)[0].outputs[0]
     word = free.text.split()[1]  # a word that greedy decoding produces
@@ -47,6 +57,7 @@ def test_eos_stops_unless_ignored(llm_fp32):
     chat = [{"role": "user", "content": "Say hi."}]
     out = llm_fp32.chat(chat, SamplingParams(max_tokens=64, temperature=0), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == eos
+    assert "<|im_end|>" not in llm_fp32.chat(chat, SamplingParams(max_tokens=64, temperature=0, skip_special_tokens=False), use_tqdm=False)[0].outputs[0].text
     forced = llm_fp32.chat(chat, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert len(forced.token_ids) == 64 and forced.finish_reason == "length"
     longer = llm_fp32.chat(chat, SamplingParams(max_tokens=64, temperature=0, min_tokens=len(out.token_ids) + 2), use_tqdm=False)[0].outputs[0]
@@ -59,6 +70,7 @@ def test_logprobs_and_prompt_logprobs(llm_fp32):
     assert len(c.logprobs) == 5
     for tok, pos in zip(c.token_ids, c.logprobs):
         assert pos[tok].rank == 1 and len(pos) == 3  # greedy: the sampled token is the top one
+        assert pos[tok].decoded_token == llm_fp32.get_tokenizer().decode([tok], skip_special_tokens=False)
         assert all(lp.logprob <= 0 for lp in pos.values())
     assert math.isclose(c.cumulative_logprob, sum(p[t].logprob for t, p in zip(c.token_ids, c.logprobs)))
     pl = out.prompt_logprobs
@@ -153,3 +165,9 @@ def test_a_failing_step_leaves_no_request_or_block_behind(tiny_model_dir, monkey
     assert not llm.engine.output_processor.parents
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4  # the engine still works
+    # a failure during the first (prefill) step must not leave hittable blocks of unwritten K/V
+    calls["n"] = 2
+    long_prompt = {"prompt_token_ids": list(range(100, 140))}
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(long_prompt, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+    assert llm.generate(long_prompt, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0].num_cached_tokens == 0

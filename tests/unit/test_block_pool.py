@@ -85,3 +85,17 @@ def test_prompt_logprobs_requests_skip_the_cache_and_caching_off_never_hits():
     off = KVCacheManager(num_blocks=8, block_size=4, enable_caching=False)
     off.allocate_slots(_req("a", range(9)), 9)
     assert off.get_computed_blocks(_req("b", range(9)))[1] == 0
+
+
+def test_rollback_withdraws_blocks_of_a_failed_step():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = _req("a", range(9))
+    kv.allocate_slots(a, 9)  # two full blocks inserted while scheduling
+    kv.rollback()  # ... and the step failed
+    kv.free(a)
+    assert kv.get_computed_blocks(_req("b", range(9)))[1] == 0
+    c = _req("c", range(9))
+    kv.allocate_slots(c, 9)
+    kv.commit()
+    kv.free(c)
+    assert kv.get_computed_blocks(_req("d", range(9)))[1] == 8

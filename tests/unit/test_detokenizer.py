@@ -21,6 +21,8 @@ def test_streamed_pieces_equal_full_decode_and_never_break_characters(tok, text)
     pieces = [d.add_tokens([t]) for t in ids]
     pieces.append(d.flush())
     assert "".join(pieces) == tok.decode(ids) == d.text
+    primed = IncrementalDetokenizer(tok, SamplingParams(), prompt_ids=tok.encode("Prompt text: "))
+    assert "".join([primed.add_tokens([t]) for t in ids] + [primed.flush()]) == tok.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
 
 

@@ -38,3 +38,26 @@ def test_alias_fetch_failure_is_clear(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="could not fetch model 'broken'"):
         resolve_model("broken")
     assert not (tmp_path / "models" / "y.gguf").exists()
+
+
+def test_gguf_rope_frequency_factors_divide_the_frequencies():
+    import torch
+
+    from fleetlm.layers.rotary import rope_inv_freq
+
+    base = rope_inv_freq(8, 10000.0, None)
+    factors = (1.0, 2.0, 4.0, 8.0)
+    got = rope_inv_freq(8, 10000.0, {"rope_type": "freq_factors", "factors": factors})
+    assert torch.allclose(got, base / torch.tensor(factors))
+    with pytest.raises(ValueError, match="not supported"):
+        rope_inv_freq(8, 10000.0, {"rope_type": "yarn"})
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"num_kv_blocks": 8, "kv_cache_memory": 1 << 20}, "not both"),
+])
+def test_conflicting_kv_sizes_are_rejected(kw, match):
+    from fleetlm.config import EngineArgs
+
+    with pytest.raises(ValueError, match=match):
+        EngineArgs(**kw)

@@ -62,7 +62,7 @@ def test_engine_model_runner_allocates_planned_bytes(smollm2_gguf):
     model.config = cfg
     model.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16), requires_grad=False)
     runner = runner_mod.ModelRunner(model, block_size=16, device=torch.device("cpu"),
-                                    eos_token_id=None)
+                                    eos_token_ids=())
     runner.initialize_kv_cache(blocks, torch.bfloat16)
     assert runner.kv_cache.nbytes == blocks * 16 * per_token
 

@@ -11,7 +11,7 @@ V = 50
 
 
 def state(sp: SamplingParams, out=(), prompt=(1, 2, 3), eos=0):
-    return CachedRequestState("r", list(prompt), list(out), sp, [], 0, eos)
+    return CachedRequestState("r", list(prompt), list(out), sp, [], 0, (eos,))
 
 
 def sample(logits, states):

@@ -14,7 +14,7 @@ def make(budget=64, seqs=8, blocks=64, bs=4, max_len=256, caching=True):
 
 
 def req(rid, n_prompt, max_tokens=4, start=0):
-    return Request(rid, list(range(start, start + n_prompt)), SamplingParams(max_tokens=max_tokens, temperature=0), eos_token_id=None)
+    return Request(rid, list(range(start, start + n_prompt)), SamplingParams(max_tokens=max_tokens, temperature=0))
 
 
 def fake_run(s: Scheduler, so):
@@ -132,7 +132,7 @@ def test_abort_frees_blocks_everywhere():
 
 def test_stop_token_ids_and_min_tokens():
     s = make()
-    r = Request("x", [1, 2, 3], SamplingParams(max_tokens=20, stop_token_ids=[6], min_tokens=0), eos_token_id=None)
+    r = Request("x", [1, 2, 3], SamplingParams(max_tokens=20, stop_token_ids=[6], min_tokens=0))
     s.add_request(r)
     outs = run_all(s)
     # fake model samples num_tokens+1: prompt len 3 -> first token 4, then 5, 6 -> stops at 6

@@ -65,7 +65,8 @@ def test_layer_by_layer_matches_transformers(tiny):
 ], ids=["default", "no-prefix-cache", "chunked-8", "preempting", "torch-paged", "torch-paged-chunked-8"])
 def test_batched_greedy_matches_transformers(tiny, engine_kw):
     path, hf = tiny
-    llm = LLM(str(path), dtype="float32", kv_cache_memory=16 << 20, **engine_kw)
+    sizing = {} if "num_kv_blocks" in engine_kw else {"kv_cache_memory": 16 << 20}
+    llm = LLM(str(path), dtype="float32", **sizing, **engine_kw)
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     prompts = PROMPTS + [PROMPTS[1][:20] + [1, 2, 3]]  # shares a prefix with prompt 1
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
