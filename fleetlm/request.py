@@ -27,7 +27,7 @@ class RequestStatus(enum.Enum):
 class Request:
     """Mutable state of one sequence inside the engine core.
 
-    Invariant: ``num_computed_tokens <= num_tokens``; the tokens ``all_token_ids[:num_computed]``
+    Invariant: ``num_computed_tokens <= num_tokens``; the first ``num_computed_tokens`` of prompt + output
     have their K/V in the blocks the KV cache manager holds for this request.
     """
 
@@ -56,10 +56,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens ``[start, end)`` of prompt + output without concatenating the whole list."""

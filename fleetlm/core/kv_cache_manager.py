@@ -25,11 +25,6 @@ class PrefixCacheStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # prompt tokens actually served from the cache (not recomputed)
 
-    def reset(self) -> PrefixCacheStats:
-        out = PrefixCacheStats(self.queries, self.hits)
-        self.queries = self.hits = 0
-        return out
-
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
@@ -39,6 +34,7 @@ class KVCacheManager:
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.stats = PrefixCacheStats()
         self._step_inserted: list[KVCacheBlock] = []
+        self._num_walked: dict[str, int] = {}  # per request: leading full blocks already offered to the cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -100,7 +96,9 @@ class KVCacheManager:
     def _cache_full_blocks(self, req: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         bs = self.block_size
         self._update_hashes(req, num_tokens)
-        for i in range(num_tokens // bs):
+        start, end = self._num_walked.get(req.request_id, 0), num_tokens // bs
+        self._num_walked[req.request_id] = max(start, end)
+        for i in range(start, end):  # each block is offered once, not on every step
             if blocks[i].block_hash is None:
                 parent = req.block_hashes[i - 1] if i else None
                 if self.pool.insert(blocks[i], req.block_hashes[i], parent, req.token_slice(i * bs, (i + 1) * bs)):
@@ -115,10 +113,12 @@ class KVCacheManager:
         for block in self._step_inserted:
             self.pool.uncache(block)
         self._step_inserted.clear()
+        self._num_walked.clear()  # offer them again once they are really computed
 
     def free(self, req: Request) -> None:
         """Return all of ``req``'s blocks (tail first, so tails are evicted before shared heads)."""
         blocks = self.req_to_blocks.pop(req.request_id, [])
+        self._num_walked.pop(req.request_id, None)
         self.pool.free_blocks(reversed(blocks))
 
     def block_ids(self, request_id: str) -> list[int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from fleetlm.config import CacheConfig, SchedulerConfig
 from fleetlm.core.kv_cache_manager import KVCacheManager
@@ -28,17 +27,6 @@ from fleetlm.request import Request, RequestStatus
 
 class KVCacheCapacityError(ValueError):
     """The request needs more KV blocks than the whole cache has: it can never run here."""
-
-
-@dataclass
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_free_blocks: int
-    num_preemptions_total: int
-    prefix_queries: int
-    prefix_hits: int
 
 
 class Scheduler:
@@ -240,14 +228,3 @@ class Scheduler:
                 self._finish(req, status)
                 done.append(rid)
         return done
-
-    def stats(self) -> SchedulerStats:
-        return SchedulerStats(
-            num_running=len(self.running),
-            num_waiting=len(self.waiting),
-            kv_cache_usage=self.kv.pool.usage,
-            num_free_blocks=self.kv.num_free_blocks,
-            num_preemptions_total=self.num_preemptions,
-            prefix_queries=self.kv.stats.queries,
-            prefix_hits=self.kv.stats.hits,
-        )
