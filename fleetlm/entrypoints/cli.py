@@ -106,6 +106,12 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from fleetlm.bench.serve import main as bench_serve_main
+
+    return bench_serve_main(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from fleetlm.plan.cli import run
 
@@ -136,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(t)
     t.set_defaults(func=cmd_bench_throughput)
+
+    bs = b.add_parser("serve", help="load-test any OpenAI-compatible server (TTFT, ITL, TPOT, goodput)")
+    from fleetlm.bench.serve import add_arguments as add_bench_serve_args
+
+    add_bench_serve_args(bs)
+    bs.set_defaults(func=cmd_bench_serve)
 
     pl = sub.add_parser("plan", help="capacity planning: memory, KV sizing, roofline, parallelism")
     from fleetlm.plan.cli import add_arguments as add_plan_args
