@@ -22,11 +22,31 @@ from fleetlm.core.sched_output import (
     NewRequestData,
     SchedulerOutput,
 )
+from fleetlm.metrics.stats import SchedulerStats
 from fleetlm.request import Request, RequestStatus
 
 
 class KVCacheCapacityError(ValueError):
     """The request needs more KV blocks than the whole cache has: it can never run here."""
+
+
+def check_request_fits(num_prompt: int, max_tokens: int, max_model_len: int, cache: CacheConfig) -> None:
+    """Raise ``ValueError`` (``KVCacheCapacityError`` for the KV limit) naming the limit a
+    request of this shape can never fit."""
+    if num_prompt == 0:
+        raise ValueError("the prompt is empty: at least one token is required")
+    total = num_prompt + max_tokens
+    if total > max_model_len:
+        raise ValueError(
+            f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+            f"max_model_len ({max_model_len}); shorten the prompt or lower max_tokens"
+        )
+    need, have = -(-total // cache.block_size), cache.num_blocks
+    if need > have:
+        raise KVCacheCapacityError(
+            f"request needs {need} KV blocks ({total} tokens) but the whole KV cache has "
+            f"{have} blocks ({cache.max_tokens} tokens); it can never fit"
+        )
 
 
 class Scheduler:
@@ -40,25 +60,13 @@ class Scheduler:
         self._on_workers: set[str] = set()  # requests whose state the workers hold
         self._finished_ids: set[str] = set()  # to tell the workers next step
         self.num_preemptions = 0
+        self.num_adds_seen = 0
+        self.num_tokens_seen = 0
 
     # -- admission ----------------------------------------------------------------------------
     def check_request(self, req: Request) -> None:
         """Raise ``ValueError`` if ``req`` can never run here (checked before it is queued)."""
-        n, limit = req.num_prompt_tokens, self.config.max_model_len
-        if n == 0:
-            raise ValueError("the prompt is empty: at least one token is required")
-        total = n + req.max_tokens
-        if total > limit:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) = {total} exceeds "
-                f"max_model_len ({limit}); shorten the prompt or lower max_tokens"
-            )
-        need, have = self.kv.blocks_needed(total), self.cache_config.num_blocks
-        if need > have:
-            raise KVCacheCapacityError(
-                f"request needs {need} KV blocks ({total} tokens) but the whole KV cache has "
-                f"{have} blocks ({self.cache_config.max_tokens} tokens); it can never fit"
-            )
+        check_request_fits(req.num_prompt_tokens, req.max_tokens, self.config.max_model_len, self.cache_config)
 
     def add_request(self, req: Request) -> None:
         self.check_request(req)
@@ -66,9 +74,48 @@ class Scheduler:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        self.num_adds_seen += 1
+        self.num_tokens_seen += req.num_prompt_tokens
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def stats(self) -> SchedulerStats:
+        kv, n = self.kv, self.cache_config.num_blocks
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_waiting_tokens=sum(r.num_tokens - r.num_computed_tokens for r in self.waiting),
+            kv_cache_usage=1.0 - kv.num_free_blocks / n,
+            num_free_blocks=kv.num_free_blocks,
+            num_blocks=n,
+            prefix_queries=kv.stats.queries,
+            prefix_hits=kv.stats.hits,
+            num_preemptions=self.num_preemptions,
+            num_adds_seen=self.num_adds_seen,
+            num_tokens_seen=self.num_tokens_seen,
+        )
+
+    def split_step(self, so: SchedulerOutput) -> list[SchedulerOutput]:
+        """After ``so`` failed in the workers: the same work as one step per request, each
+        rebuilding its request's worker state from scratch (the failed step may have left it
+        half-updated), so a request that fails again fails alone."""
+        finished = set(so.finished_req_ids)
+        subs = []
+        for rid, n in so.num_scheduled_tokens.items():
+            req = self.requests[rid]
+            req.num_computed_tokens -= n  # as before the step: the worker recomputes those n
+            data = self.new_request_data(rid)
+            req.num_computed_tokens += n
+            subs.append(SchedulerOutput([data], [], {rid: n}, n, finished_req_ids=finished | {rid}))
+            finished = set()
+        return subs
+
+    def new_request_data(self, rid: str) -> NewRequestData:
+        """Everything a worker needs to (re)build its state for ``rid``."""
+        req = self.requests[rid]
+        return NewRequestData(rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                              self.kv.block_ids(rid), req.num_computed_tokens)
 
     # -- one step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -133,16 +180,7 @@ class Scheduler:
             cached_reqs.append(CachedRequestData(rid, [b.block_id for b in new_blocks], req.num_computed_tokens))
             return
         self._on_workers.add(rid)
-        new_reqs.append(
-            NewRequestData(
-                req_id=rid,
-                prompt_token_ids=req.prompt_token_ids,
-                output_token_ids=list(req.output_token_ids),
-                sampling_params=req.sampling_params,
-                block_ids=self.kv.block_ids(rid),
-                num_computed_tokens=req.num_computed_tokens,
-            )
-        )
+        new_reqs.append(self.new_request_data(rid))
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import replace
 from typing import Any
+
+import torch
 
 from fleetlm.config import EngineArgs, parse_dtype
 from fleetlm.engine.engine_core import EngineCore
 from fleetlm.engine.output_processor import OutputProcessor
 from fleetlm.models.hub import resolve_model
-from fleetlm.models.loader import load_model_files
+from fleetlm.models.loader import LoadedModel, load_model_files
 from fleetlm.outputs import RequestOutput
 from fleetlm.request import Request
 from fleetlm.sampling_params import SamplingParams
@@ -23,26 +26,42 @@ MAX_DEFAULT_MODEL_LEN = 8192
 Prompt = str | dict[str, Any]
 
 
+def resolve_max_model_len(args: EngineArgs, model_max: int) -> int:
+    if args.max_model_len is None:
+        return min(model_max, MAX_DEFAULT_MODEL_LEN)
+    if args.max_model_len > model_max:
+        raise ValueError(f"max_model_len ({args.max_model_len}) exceeds the model's context length ({model_max})")
+    return args.max_model_len
+
+
+def load_engine_parts(args: EngineArgs) -> tuple[LoadedModel, torch.dtype, int]:
+    """Model files (weights streamed lazily), compute dtype and max_model_len for ``args``."""
+    dtype = parse_dtype(args.dtype, args.resolved_device)
+    files = load_model_files(resolve_model(args.model), dtype)
+    return files, dtype, resolve_max_model_len(args, files.config.max_position_embeddings)
+
+
+def fan_out(request_id: str, prompt_ids: list[int], params: SamplingParams, eos_token_ids: tuple[int, ...],
+            max_model_len: int) -> list[Request]:
+    """One core request per sample (ids ``rid#i`` when n > 1); ``max_tokens=None`` fills the context."""
+    if params.max_tokens is None:
+        params = replace(params, max_tokens=max(1, max_model_len - len(prompt_ids)))
+    return [
+        Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params.for_sample(i),
+                eos_token_ids=eos_token_ids)
+        for i in range(params.n)
+    ]
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
-        device = args.resolved_device
-        self.dtype = parse_dtype(args.dtype, device)
-        path = resolve_model(args.model)
-        files = load_model_files(path, self.dtype)
+        files, self.dtype, self.max_model_len = load_engine_parts(args)
         self.model_config = files.config
         self.tokenizer = files.tokenizer
-        self.max_model_len = self._max_model_len(files.config.max_position_embeddings)
         self.core = EngineCore(args, files, self.dtype, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
-
-    def _max_model_len(self, model_max: int) -> int:
-        if self.args.max_model_len is None:
-            return min(model_max, MAX_DEFAULT_MODEL_LEN)
-        if self.args.max_model_len > model_max:
-            raise ValueError(f"max_model_len ({self.args.max_model_len}) exceeds the model's context length ({model_max})")
-        return self.args.max_model_len
 
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -59,13 +78,7 @@ class LLMEngine:
 
     def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
         """One core request per sample; validated (ValueError) before anything is queued."""
-        if params.max_tokens is None:
-            params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))
-        reqs = [
-            Request(request_id if params.n == 1 else f"{request_id}#{i}", prompt_ids, params.for_sample(i),
-                    eos_token_ids=self.tokenizer.eos_token_ids)
-            for i in range(params.n)
-        ]
+        reqs = fan_out(request_id, prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len)
         self.core.scheduler.check_request(reqs[0])
         return reqs
 
@@ -91,9 +104,3 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests() or self.output_processor.has_unfinished()
-
-
-def _with_max_tokens(params: SamplingParams, n: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, max_tokens=max(1, n))

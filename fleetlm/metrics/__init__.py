@@ -1,0 +1,1 @@
+"""Engine statistics (``stats``) and their Prometheus export (``prometheus``)."""

@@ -8,6 +8,8 @@ and gather the requested log-probs.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -16,6 +18,8 @@ from fleetlm.attention.registry import get_attention_backend
 from fleetlm.core.sched_output import Logprob, ModelRunnerOutput, PositionLogprobs, SchedulerOutput
 from fleetlm.sample.sampler import Sampler, SamplerOutput
 from fleetlm.worker.input_batch import CachedRequestState, build_sampling_metadata
+
+FAULT_ENV = "FLEETLM_FAULT_TOKEN_ID"
 
 
 class ModelRunner:
@@ -31,6 +35,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.kv_cache: torch.Tensor | None = None
         self.states: dict[str, CachedRequestState] = {}
+        fault = os.environ.get(FAULT_ENV)
+        self.fault_token_id = int(fault) if fault else None
 
     def initialize_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         """One tensor [layers, 2, num_blocks, block_size, kv_heads, head_dim]; per-layer views."""
@@ -77,6 +83,8 @@ class ModelRunner:
         if so.is_empty:
             return ModelRunnerOutput([], [])
         states, layout, input_ids, positions = self._layout(so)
+        if self.fault_token_id is not None:
+            self._inject_fault(states)
         meta = self.backend.build_metadata(layout, self.device)
         with forward_context(ForwardContext(self.backend, meta, self.kv_caches)):
             hidden = self.model(input_ids, positions)
@@ -96,6 +104,13 @@ class ModelRunner:
             result = self.sampler(logits, build_sampling_metadata(sampling, logits.shape[1], self.device))
             self._emit(out, samples, sampling, result)
         return out
+
+    def _inject_fault(self, states: list[CachedRequestState]) -> None:
+        """Test hook (``FLEETLM_FAULT_TOKEN_ID``): a step holding a request whose prompt contains
+        that token raises, as a bug in a kernel or sampler would."""
+        for s in states:
+            if self.fault_token_id in s.prompt_token_ids:
+                raise RuntimeError(f"injected fault: request {s.req_id} holds token {self.fault_token_id}")
 
     def _emit(self, out: ModelRunnerOutput, samples: list[int], states: list[CachedRequestState], r: SamplerOutput) -> None:
         tokens = r.sampled.tolist()

@@ -1,0 +1,172 @@
+"""The engine core in its own process, driven over ZMQ with msgpack messages.
+
+The front end (``AsyncLLM``) binds two IPC sockets whose paths carry its PID and a random
+suffix, so any number of servers share a host; this process connects to both:
+
+- input  (front end PUSH -> core PULL): ``AddRequests``, ``AbortRequests``, ``Shutdown``;
+- output (core PUSH -> front end PULL): ``Ready`` or ``Failed`` once, then ``CoreOutputs`` after
+  every step and after every batch of inputs (so queue accounting stays current when idle).
+
+The busy loop drains all pending inputs, runs one ``EngineCore.step``, and sends what it
+produced. It never tokenizes or detokenizes. It exits on ``Shutdown`` or when its parent dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import traceback
+
+import msgspec
+
+from fleetlm.config import EngineArgs
+from fleetlm.core.sched_output import EngineCoreOutput
+from fleetlm.metrics.stats import SchedulerStats
+from fleetlm.request import Request
+from fleetlm.sampling_params import SamplingParams
+
+logger = logging.getLogger("fleetlm")
+
+IDLE_POLL_MS = 500  # how often an idle core checks that its parent is alive
+
+
+class NewRequest(msgspec.Struct, array_like=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    arrival_time: float
+
+
+class AddRequests(msgspec.Struct, tag="add", array_like=True):
+    requests: list[NewRequest]
+
+
+class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    pass
+
+
+class Ready(msgspec.Struct, tag="ready", array_like=True):
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    pid: int
+
+
+class Failed(msgspec.Struct, tag="failed", array_like=True):
+    error: str
+
+
+class CoreOutputs(msgspec.Struct, tag="outputs", array_like=True):
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+
+
+InputMessage = AddRequests | AbortRequests | Shutdown
+OutputMessage = Ready | Failed | CoreOutputs
+
+
+def spawn_engine_core(args: EngineArgs, input_addr: str, output_addr: str, log_level: int) -> subprocess.Popen:
+    """Start ``python -m fleetlm.engine.core_proc`` (a fresh interpreter: no fork of a loaded
+    parent, and no re-import of the caller's ``__main__``)."""
+    argv = [sys.executable, "-m", "fleetlm.engine.core_proc", msgspec.json.encode(args).decode(),
+            input_addr, output_addr, str(log_level)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+
+def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str, parent_pid: int,
+                    log_level: int = logging.INFO) -> None:
+    """Body of the engine-core process."""
+    import zmq
+
+    logging.basicConfig(level=log_level, format="%(levelname)s fleetlm.core: %(message)s")
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.connect(output_addr)
+    inp = ctx.socket(zmq.PULL)
+    inp.connect(input_addr)
+    enc = msgspec.msgpack.Encoder()
+    try:
+        core = _build_core(args)
+    except Exception as e:  # tell the front end why, instead of just vanishing
+        logger.error("engine core failed to start:\n%s", traceback.format_exc())
+        out.send(enc.encode(Failed(f"{type(e).__name__}: {e}")))
+        out.close(linger=2000)
+        return
+    sc = core.scheduler
+    out.send(enc.encode(Ready(sc.config.max_model_len, sc.cache_config.block_size, sc.cache_config.num_blocks,
+                              os.getpid())))
+    try:
+        EngineCoreLoop(core, inp, out, parent_pid).run()
+    finally:
+        core.shutdown()
+        out.close(linger=1000)
+        inp.close(linger=0)
+        ctx.term()
+
+
+def _build_core(args: EngineArgs):
+    from fleetlm.engine.engine_core import EngineCore
+    from fleetlm.engine.llm_engine import load_engine_parts
+
+    files, dtype, max_model_len = load_engine_parts(args)
+    return EngineCore(args, files, dtype, max_model_len)
+
+
+class EngineCoreLoop:
+    def __init__(self, core, inp, out, parent_pid: int) -> None:
+        self.core = core
+        self.inp = inp
+        self.out = out
+        self.parent_pid = parent_pid
+        self.enc = msgspec.msgpack.Encoder()
+        self.dec = msgspec.msgpack.Decoder(InputMessage)
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            got_input = self._drain_inputs()
+            if not self.running:
+                return
+            outputs = self.core.step()
+            if outputs or got_input or self.core.has_unfinished_requests():
+                self.out.send(self.enc.encode(CoreOutputs(outputs, self.core.stats())))
+
+    def _drain_inputs(self) -> bool:
+        """Handle every pending message; block (briefly, to watch the parent) when idle."""
+        got = False
+        while True:
+            timeout = 0 if (got or self.core.has_unfinished_requests()) else IDLE_POLL_MS
+            if not self.inp.poll(timeout):
+                if timeout and os.getppid() != self.parent_pid:
+                    logger.warning("front end gone; engine core exiting")
+                    self.running = False
+                    return got
+                if timeout == 0:
+                    return got
+                continue
+            self._handle(self.dec.decode(self.inp.recv()))
+            got = True
+            if not self.running:
+                return got
+
+    def _handle(self, msg: InputMessage) -> None:
+        if isinstance(msg, AddRequests):
+            for r in msg.requests:
+                self.core.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params,
+                                              eos_token_ids=tuple(r.eos_token_ids), arrival_time=r.arrival_time))
+        elif isinstance(msg, AbortRequests):
+            self.core.abort_requests(msg.request_ids)
+        else:
+            self.running = False
+
+
+if __name__ == "__main__":
+    run_engine_core(msgspec.json.decode(sys.argv[1], type=EngineArgs), sys.argv[2], sys.argv[3], os.getppid(),
+                    int(sys.argv[4]))
