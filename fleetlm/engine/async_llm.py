@@ -167,13 +167,13 @@ class AsyncLLM:
             raise QueueFullError(f"the waiting queue is full ({tokens} of --max-queued-tokens "
                                  f"{self.max_queued_tokens} prompt tokens); retry later")
 
-    async def generate(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                       *, stream: bool = False, arrival_time: float | None = None, record: bool = True,
-                       admit: bool = True, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs: deltas when ``stream``, else one final output.
+    def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                    *, stream: bool = False, arrival_time: float | None = None, record: bool = True,
+                    admit: bool = True, timeout: float | None = None) -> RequestStream:
+        """Validate, admit and send one request; its outputs come from the returned stream.
 
-        Raises before the first output: ``ValueError`` (bad request), ``QueueFullError``,
-        ``EngineDeadError``; later: ``RequestTimeoutError``, ``EngineDeadError``.
+        Raises ``ValueError`` (bad request), ``QueueFullError`` or ``EngineDeadError``, having
+        sent nothing. The caller must ``close()`` the stream if it stops reading early.
         """
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
@@ -195,28 +195,17 @@ class AsyncLLM:
         if record and self.stats_sink is not None and hasattr(self.stats_sink, "on_request_added"):
             self.stats_sink.on_request_added(len(prompt_ids) * len(reqs))
         timeout = self.request_timeout if timeout is None else timeout
-        deadline = None if timeout is None else arrival + timeout
-        finished = False
-        try:
-            while not finished:
-                item = await self._next(queue, deadline, request_id)
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, queue, None if timeout is None else arrival + timeout, timeout)
 
-    async def _next(self, queue: asyncio.Queue, deadline: float | None, request_id: str):
-        if deadline is None:
-            return await queue.get()
+    async def generate(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                       **kwargs) -> AsyncIterator[RequestOutput]:
+        """``add_request`` then yield its outputs (deltas when ``stream=True``)."""
+        rs = self.add_request(request_id, prompt, prompt_ids, params, **kwargs)
         try:
-            return await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise RequestTimeoutError(f"request {request_id} exceeded the {self.request_timeout:g} s "
-                                      "request timeout and was aborted") from None
+            async for out in rs:
+                yield out
+        finally:
+            rs.close()
 
     def abort(self, request_id: str) -> None:
         """Drop a request everywhere (safe to call twice, and from a ``finally`` block)."""
@@ -259,9 +248,67 @@ class AsyncLLM:
             if q is not None:
                 q.put_nowait(out)
 
+    def _forget(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
     def _mark_dead(self, reason: str) -> None:
         logger.error("engine dead: %s", reason)
         self.dead_reason = reason
+        self.fail_all(reason)
+
+    def fail_all(self, reason: str) -> None:
+        """End every in-flight request with ``EngineDeadError(reason)`` and abort it in the core."""
         for rid, q in list(self._queues.items()):
-            self.output_processor.abort(rid)
+            self.abort(rid)
             q.put_nowait(EngineDeadError(reason))
+
+
+class RequestStream:
+    """Async iterator over one request's outputs. ``close()`` (idempotent) aborts it in the
+    engine unless it already finished; it runs on every early exit of ``__anext__``."""
+
+    def __init__(self, engine: AsyncLLM, request_id: str, queue: asyncio.Queue, deadline: float | None,
+                 timeout: float | None) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue = queue
+        self.deadline = deadline
+        self.timeout = timeout
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self.closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._get()
+        except BaseException:  # timeout, or cancelled because the client went away
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self.close()
+        return item
+
+    async def _get(self):
+        if self.deadline is None:
+            return await self.queue.get()
+        try:
+            return await asyncio.wait_for(self.queue.get(), max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            raise RequestTimeoutError(f"request {self.request_id} exceeded the {self.timeout:g} s request "
+                                      "timeout and was aborted") from None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.engine._forget(self.request_id)
+        if not self.finished:
+            self.engine.abort(self.request_id)

@@ -1,4 +1,4 @@
-"""``fleetlm`` command line: generate, chat, bench throughput, plan.
+"""``fleetlm`` command line: generate, chat, serve, bench throughput|serve, plan.
 
 Engine flags mirror ``LLM(...)`` keyword arguments (``--max-model-len`` -> ``max_model_len``).
 """
@@ -100,6 +100,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fleetlm.entrypoints.serve_cli import run
+
+    return run(args, engine_kwargs(args))
+
+
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from fleetlm.bench.throughput import main as bench_main
 
@@ -135,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(c)
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    from fleetlm.entrypoints.serve_cli import add_arguments as add_serve_args
+
+    add_serve_args(s)
+    add_engine_args(s)
+    s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     t = b.add_parser("throughput", help="offline throughput vs HF transformers (and vLLM if importable)")

@@ -1,0 +1,93 @@
+"""Pure-ASGI middleware of the server: status counting, body size limit, API keys, and the
+loading / draining gate. Pure ASGI (not ``BaseHTTPMiddleware``) so streaming and client
+disconnects pass through untouched."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+
+OPEN_PATHS = {"/health"}
+
+
+async def send_error(send, status: int, message: str, type_: str, code: str | None = None,
+                     headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """In order: count every response status; refuse oversize bodies (413); check the API key
+    (401, constant-time compare against every key); refuse work while loading or draining (503)."""
+
+    def __init__(self, app, *, api_keys: list[str], metrics_public: bool, max_body_bytes: int,
+                 gate: Callable[[str], tuple[int, str, str] | None], on_status: Callable[[int], None]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+        self.metrics_public = metrics_public
+        self.max_body = max_body_bytes
+        self.gate = gate
+        self.on_status = on_status
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counting_send(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                self.on_status(msg["status"])
+            await send(msg)
+
+        path = scope["path"]
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await send_error(counting_send, 413, f"request body exceeds {self.max_body} bytes",
+                                    "invalid_request_error", "body_too_large")
+        if self.keys and path not in OPEN_PATHS and not (self.metrics_public and path == "/metrics"):
+            if not self._authorized(headers.get(b"authorization", b"")):
+                return await send_error(counting_send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                        "authentication_error", "invalid_api_key",
+                                        {"WWW-Authenticate": "Bearer"})
+        refusal = self.gate(path)
+        if refusal is not None:
+            status, message, code = refusal
+            return await send_error(counting_send, status, message, "service_unavailable", code,
+                                    {"Retry-After": "5"})
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except BodyTooLarge:
+            if not started:
+                await send_error(counting_send, 413, f"request body exceeds {self.max_body} bytes",
+                                 "invalid_request_error", "body_too_large")
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            token = b""
+        ok = False
+        for key in self.keys:  # no early exit: the time does not depend on which key matched
+            ok |= hmac.compare_digest(token.strip(), key)
+        return ok

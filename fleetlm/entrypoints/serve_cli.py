@@ -1,0 +1,66 @@
+"""``fleetlm serve [MODEL]``: flags of the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from fleetlm.models.hub import DEFAULT_MODEL
+
+API_KEY_ENV = "FLEETLM_API_KEY"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="alias, GGUF file or HF model directory")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", help="the model id clients use (default: the model argument)")
+    g.add_argument("--api-key", action="append", default=[],
+                   help=f"require 'Authorization: Bearer KEY' (repeat for several; also ${API_KEY_ENV}, comma-separated)")
+    g.add_argument("--api-key-file", type=Path, help="file with one API key per line")
+    g.add_argument("--metrics-public", action="store_true", help="serve /metrics without an API key")
+    g.add_argument("--max-request-body-bytes", type=int, default=1 << 20)
+    g.add_argument("--max-queued-requests", type=int, help="bound on waiting sequences; more get 429")
+    g.add_argument("--max-queued-tokens", type=int, help="bound on waiting prompt tokens; more get 429")
+    g.add_argument("--request-timeout", type=float, help="seconds before a request is aborted (504)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish")
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key)
+    if args.api_key_file is not None:
+        if not args.api_key_file.is_file():
+            raise ValueError(f"--api-key-file {args.api_key_file} does not exist")
+        keys += [line.strip() for line in args.api_key_file.read_text().splitlines()]
+    keys += os.environ.get(API_KEY_ENV, "").split(",")
+    keys = [k.strip() for k in keys if k.strip()]
+    return tuple(dict.fromkeys(keys))
+
+
+def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    import asyncio
+
+    from fleetlm.config import EngineArgs
+    from fleetlm.engine.llm import _configure_logging
+    from fleetlm.entrypoints.openai.api_server import ServerConfig, serve
+
+    for name in ("max_queued_requests", "max_queued_tokens", "max_request_body_bytes"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    for name in ("request_timeout", "shutdown_timeout"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    _configure_logging()
+    engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs)
+    config = ServerConfig(
+        host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=api_keys(args),
+        metrics_public=args.metrics_public, max_request_body_bytes=args.max_request_body_bytes,
+        max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+        request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
+    )
+    return asyncio.run(serve(engine_args, config))
