@@ -144,7 +144,7 @@ class EngineCoreLoop:
         while True:
             timeout = 0 if (got or self.core.has_unfinished_requests()) else IDLE_POLL_MS
             if not self.inp.poll(timeout):
-                if timeout and os.getppid() != self.parent_pid:
+                if os.getppid() != self.parent_pid:  # re-parented: the front end died
                     logger.warning("front end gone; engine core exiting")
                     self.running = False
                     return got
