@@ -3,7 +3,10 @@ naming the field)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+
+INT64 = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,15 @@ class SamplingParams:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "must be a finite number")
+        for name in ("n", "top_k", "seed", "max_tokens", "min_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, int) and not -INT64 <= v < INT64:
+                bad(name, "must fit in a signed 64-bit integer")
+        if any(isinstance(t, int) and t >= INT64 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must fit in a signed 64-bit integer")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
         if self.temperature < 0:
@@ -97,5 +109,5 @@ class SamplingParams:
 
     def for_sample(self, index: int) -> SamplingParams:
         """Params of the ``index``-th of ``n`` parallel samples: n=1, seed offset by index."""
-        seed = None if self.seed is None else self.seed + index
+        seed = None if self.seed is None else (self.seed + index + INT64) % (2 * INT64) - INT64  # stays 64-bit
         return replace(self, n=1, seed=seed)

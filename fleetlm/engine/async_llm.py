@@ -89,7 +89,9 @@ class AsyncLLM:
         base = os.path.join(tempfile.gettempdir(), f"fleetlm-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self._in_addr, self._out_addr = f"ipc://{base}-in", f"ipc://{base}-out"
         self._zctx = zmq.asyncio.Context()
-        self._in = self._zctx.socket(zmq.PUSH)
+        self._sync_ctx = zmq.Context()
+        self._in = self._sync_ctx.socket(zmq.PUSH)  # plain socket: a send never needs awaiting
+        self._in.setsockopt(zmq.SNDHWM, 0)  # never drop: the queue bound lives in _admit
         self._in.bind(self._in_addr)
         self._out = self._zctx.socket(zmq.PULL)
         self._out.bind(self._out_addr)
@@ -128,6 +130,7 @@ class AsyncLLM:
             self._in.close(linger=0)
             self._out.close(linger=0)
             self._zctx.term()
+            self._sync_ctx.term()
             for addr in (self._in_addr, self._out_addr):
                 with contextlib.suppress(OSError):
                     os.unlink(addr.removeprefix("ipc://"))
@@ -158,7 +161,17 @@ class AsyncLLM:
         return (s.num_waiting + self._sent_seqs - s.num_adds_seen,
                 s.num_waiting_tokens + self._sent_tokens - s.num_tokens_seen)
 
+    def check_queue_bounds(self, num_seqs: int, num_tokens: int) -> None:
+        """``ValueError`` (400) if a request this size is over a queue bound even with an empty
+        queue: retrying could never help, so it is not a 429."""
+        for n, bound, what in ((num_seqs, self.max_queued_requests, "sequences (n x prompts)"),
+                               (num_tokens, self.max_queued_tokens, "prompt tokens (x n)")):
+            if bound is not None and n > bound:
+                raise ValueError(f"this request alone has {n} {what}, more than the waiting queue holds ({bound})")
+
     def _admit(self, num_seqs: int, num_tokens: int) -> None:
+        """``QueueFullError`` (429) if the queue has no room for this request now."""
+        self.check_queue_bounds(num_seqs, num_tokens)
         seqs, tokens = self.queued()
         if self.max_queued_requests is not None and seqs + num_seqs > self.max_queued_requests:
             raise QueueFullError(f"the waiting queue is full ({seqs} of --max-queued-requests "
@@ -180,16 +193,20 @@ class AsyncLLM:
         self.check_request(prompt_ids, params)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        reqs = fan_out(request_id, prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len)
         if admit:
-            self._admit(len(reqs), len(prompt_ids) * len(reqs))
+            self._admit(params.n, len(prompt_ids) * params.n)
         arrival = arrival_time or time.monotonic()
+        reqs = fan_out(request_id, prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len)
+        try:  # encode before registering anything: a value msgpack cannot carry is a bad request
+            msg = self._enc.encode(AddRequests([NewRequest(r.request_id, r.prompt_token_ids, r.sampling_params,
+                                                           r.eos_token_ids, arrival) for r in reqs]))
+        except (OverflowError, UnicodeError, TypeError) as e:
+            raise ValueError(f"the request holds a value that cannot be sent to the engine: {e}") from None
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self.output_processor.add(request_id, prompt, prompt_ids, params, [r.request_id for r in reqs], arrival,
                                   stream=stream, record=record)
-        self._send(AddRequests([NewRequest(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                           r.eos_token_ids, arrival) for r in reqs]))
+        self._in.send(msg)
         self._sent_seqs += len(reqs)
         self._sent_tokens += len(prompt_ids) * len(reqs)
         if record and self.stats_sink is not None and hasattr(self.stats_sink, "on_request_added"):
@@ -214,9 +231,7 @@ class AsyncLLM:
             self._send(AbortRequests(child_ids))
 
     def _send(self, msg) -> None:
-        import zmq
-
-        self._in.send(self._enc.encode(msg), flags=zmq.NOBLOCK)
+        self._in.send(self._enc.encode(msg))
 
     # -- the output loop --------------------------------------------------------------------------
     async def _output_loop(self) -> None:

@@ -9,6 +9,7 @@ then the rest are aborted and the process exits 0). If the engine process dies, 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetlm.config import EngineArgs
 from fleetlm.engine.async_llm import AsyncLLM
@@ -32,6 +34,7 @@ from fleetlm.entrypoints.openai.serving import (
     OpenAIServing,
     engine_error,
     run_cancellable,
+    safe_encode,
 )
 from fleetlm.entrypoints.openai.serving_chat import ChatHandler
 from fleetlm.entrypoints.openai.serving_completion import CompletionHandler
@@ -111,8 +114,9 @@ def build_app(state: ServerState):
     serving = OpenAIServing(state.engine, state.model_name)
     completions, chat = CompletionHandler(serving), ChatHandler(serving)
 
-    def error_response(e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    def error_response(e: APIError) -> Response:
+        # ensure_ascii: a message may quote input holding lone surrogates
+        return Response(json.dumps(e.body()), status_code=e.status, headers=e.headers, media_type="application/json")
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -122,10 +126,13 @@ def build_app(state: ServerState):
     async def _invalid(_: Request, e: RequestValidationError):
         return error_response(validation_error(e))
 
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(_: Request, e: BodyTooLarge):
-        return error_response(APIError(413, f"request body exceeds {state.config.max_request_body_bytes} bytes",
-                                       code="body_too_large"))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        if isinstance(e, BodyTooLarge):
+            return error_response(APIError(413, f"request body exceeds {state.config.max_request_body_bytes} bytes",
+                                           code="body_too_large"))
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        return error_response(APIError(e.status_code, str(e.detail), type=kind, headers=dict(e.headers or {})))
 
     def check_model(model: str | None) -> None:
         if model is not None and model != state.model_name:
@@ -169,9 +176,9 @@ def build_app(state: ServerState):
         tok = state.engine.tokenizer
         if req.messages is not None:
             text = tok.apply_chat_template([m.as_dict() for m in req.messages], req.add_generation_prompt)
-            ids = tok.encode(text, add_special_tokens=False)
+            ids = safe_encode(tok, text, "messages", add_special_tokens=False)
         else:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = safe_encode(tok, req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
 
     @app.post("/detokenize")
@@ -217,6 +224,8 @@ def validation_error(e) -> APIError:
         why = "is not supported by this server" if loc and loc[-1] in UNSUPPORTED else "is not a known parameter"
         return APIError(400, f"parameter '{param}' {why}", param=param, code="unsupported_parameter")
     if first.get("type") == "missing":
+        if param is None:
+            return APIError(400, "the request body must be a JSON object", code="invalid_body")
         return APIError(400, f"parameter '{param}' is required", param=param, code="missing_required_parameter")
     msg = first.get("msg", "invalid request")
     return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")

@@ -8,6 +8,8 @@ import hmac
 import json
 from collections.abc import Callable
 
+from starlette.exceptions import HTTPException
+
 OPEN_PATHS = {"/health"}
 
 
@@ -20,8 +22,12 @@ async def send_error(send, status: int, message: str, type_: str, code: str | No
     await send({"type": "http.response.body", "body": body})
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive``: an HTTPException, so the framework answers it (413) rather than
+    folding it into a generic body-parsing error."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
 
 
 class GuardMiddleware:

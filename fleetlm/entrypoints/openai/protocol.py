@@ -20,7 +20,10 @@ UNSUPPORTED = {
     "reasoning_effort", "web_search_options", "response_format", "best_of",
 }
 
-Number = float | int
+Number = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+Int = Annotated[StrictInt, Field(ge=-(1 << 63), lt=1 << 63)]
+MAX_N = 128  # samples per prompt
+MAX_SEQUENCES = 1024  # prompts x n per HTTP request
 
 
 class APIError(Exception):
@@ -51,23 +54,23 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    n: StrictInt = 1
+    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
     stop: str | list[str] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: Number | None = None
     top_p: Number | None = None
-    top_k: StrictInt | None = None
+    top_k: Int | None = None
     min_p: Number | None = None
-    seed: StrictInt | None = None
+    seed: Int | None = None
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
     repetition_penalty: Number | None = None
     user: str | None = None  # logged with the request id
     # extensions (as in vLLM)
     ignore_eos: StrictBool = False
-    min_tokens: StrictInt = 0
-    stop_token_ids: list[StrictInt] | None = None
+    min_tokens: Int = 0
+    stop_token_ids: list[Int] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
 
@@ -97,10 +100,10 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)] \
-        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
-    max_tokens: StrictInt | None = 16
-    logprobs: StrictInt | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[Int], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[Int], Field(min_length=1)]], Field(min_length=1)]
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
     echo: StrictBool = False
 
     def to_sampling_params(self) -> SamplingParams:
@@ -127,10 +130,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Int | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -158,4 +161,4 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    tokens: list[StrictInt]
+    tokens: list[Int]

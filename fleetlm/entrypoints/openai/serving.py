@@ -24,6 +24,7 @@ from fleetlm.engine.async_llm import (
     RequestTimeoutError,
 )
 from fleetlm.entrypoints.openai.protocol import (
+    MAX_SEQUENCES,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -70,6 +71,8 @@ class OpenAIServing:
         p = req.prompt
         if isinstance(p, str):
             return [(p, self.encode(p))]
+        if len(p) * req.n > MAX_SEQUENCES:
+            raise bad_request(f"{len(p)} prompts x n={req.n} exceeds {MAX_SEQUENCES} sequences per request", "prompt")
         if isinstance(p[0], str):
             return [(s, self.encode(s)) for s in p]
         batch = [p] if isinstance(p[0], int) else p
@@ -81,7 +84,7 @@ class OpenAIServing:
         return [(None, list(ids)) for ids in batch]
 
     def encode(self, text: str) -> list[int]:
-        ids = self.engine.tokenizer.encode(text)
+        ids = safe_encode(self.engine.tokenizer, text, "prompt")
         if not ids:
             raise bad_request("the prompt is empty: at least one token is required", "prompt")
         return ids
@@ -92,7 +95,7 @@ class OpenAIServing:
             text = tok.apply_chat_template([m.as_dict() for m in req.messages])
         except ValueError as e:
             raise bad_request(f"messages: {e}", "messages") from None
-        return text, tok.encode(text, add_special_tokens=False)
+        return text, safe_encode(tok, text, "messages", add_special_tokens=False)
 
     # -- running ----------------------------------------------------------------------------------
     def start(self, prepared: list[Prepared], params: SamplingParams, stream: bool,
@@ -100,6 +103,7 @@ class OpenAIServing:
         """Admit every engine request of one HTTP request, or none (errors map to HTTP)."""
         streams: list[RequestStream] = []
         try:
+            self.engine.check_queue_bounds(params.n * len(prepared), params.n * sum(len(p.prompt_ids) for p in prepared))
             for p in prepared:
                 streams.append(self.engine.add_request(p.request_id, p.prompt, p.prompt_ids, params,
                                                        stream=stream, arrival_time=arrival))
@@ -156,6 +160,14 @@ def close_all(streams: list[RequestStream]) -> None:
         rs.close()
 
 
+def safe_encode(tok, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    """Tokenize, turning text the tokenizer cannot take (e.g. lone surrogates) into a 400."""
+    try:
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+    except (TypeError, UnicodeError) as e:
+        raise bad_request(f"{param} is not valid text: {type(e).__name__}", param) from None
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -172,7 +184,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def sse(obj) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    # ASCII-escaped: no raw U+2028/U+0085 that line-splitting clients would break on
+    return f"data: {json.dumps(obj)}\n\n".encode()
 
 
 SSE_DONE = b"data: [DONE]\n\n"
