@@ -144,30 +144,42 @@ def test_cuda_only_argument_is_rejected_on_cpu():
         LLM(device="cpu", gpu_memory_utilization=0.5)
 
 
-def test_a_failing_step_leaves_no_request_or_block_behind(tiny_model_dir, monkeypatch):
+def test_a_failing_step_is_retried_per_request_and_leaves_nothing_behind(tiny_model_dir, monkeypatch):
     llm = LLM(str(tiny_model_dir), dtype="float32", kv_cache_memory=16 << 20)
     sched = llm.engine.core.scheduler
     start = sched.kv.num_free_blocks
+    prompts = [{"prompt_token_ids": [5, 6, 7, i]} for i in range(4)]
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     runner = llm.engine.core.executor.worker.runner
     calls = {"n": 0}
     real = runner.execute_model
 
-    def flaky(so):
+    def flaky(so):  # one transient failure, mid-generation
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected fault")
         return real(so)
 
     monkeypatch.setattr(runner, "execute_model", flaky)
-    with pytest.raises(RuntimeError, match="injected"):
-        llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected and not any(o.error for o in outs)
+    assert llm.engine.core.num_failed_steps == 1
     assert not sched.has_unfinished_requests() and sched.kv.num_free_blocks == start
     assert not llm.engine.output_processor.parents
-    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 4  # the engine still works
-    # a failure during the first (prefill) step must not leave hittable blocks of unwritten K/V
-    calls["n"] = 2
+
+    # a request that always fails ends alone with an error, and its unwritten K/V is never hittable
     long_prompt = {"prompt_token_ids": list(range(100, 140))}
-    with pytest.raises(RuntimeError, match="injected"):
-        llm.generate(long_prompt, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+
+    def poisoned(so):
+        if any(r.prompt_token_ids == long_prompt["prompt_token_ids"] for r in so.scheduled_new_reqs):
+            raise RuntimeError("injected fault")
+        return real(so)
+
+    monkeypatch.setattr(runner, "execute_model", poisoned)
+    out = llm.generate([long_prompt, prompts[0]], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+    assert "injected fault" in out[0].error and out[0].outputs[0].finish_reason == "error"
+    assert out[1].error is None and out[1].outputs[0].token_ids == expected[0][:2]
+    assert sched.kv.num_free_blocks == start
+    monkeypatch.setattr(runner, "execute_model", real)
     assert llm.generate(long_prompt, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0].num_cached_tokens == 0

@@ -178,3 +178,13 @@ def test_metrics_are_exported(server):
     assert server.metric("fleetlm:generation_tokens_total") > 0
     assert server.metric("fleetlm:prefix_cache_hits_total") > 0  # the repeated chat prompts hit
     assert server.metric("fleetlm:prefix_cache_hits_total") <= server.metric("fleetlm:prefix_cache_queries_total")
+
+
+def test_two_servers_on_one_host(server, tiny_model_dir):
+    """IPC socket names carry the PID (and a random suffix): a second server runs beside the first."""
+    with ServerProcess(["--dtype", "float32", "--kv-cache-memory", "32MiB"], model=tiny_model_dir) as other:
+        body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0}
+        a = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        b = httpx.post(other.url + "/v1/completions", json=body, timeout=120)
+        assert a.status_code == b.status_code == 200
+        assert a.json()["model"] == "smollm2-135m-instruct" and b.json()["model"] == str(tiny_model_dir)
