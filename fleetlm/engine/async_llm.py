@@ -137,10 +137,6 @@ class AsyncLLM:
             self._proc = None
 
     @property
-    def is_ready(self) -> bool:
-        return self._loop_task is not None and self.dead_reason is None
-
-    @property
     def num_inflight(self) -> int:
         return len(self._queues)
 
@@ -149,11 +145,6 @@ class AsyncLLM:
         return None if self._proc is None else self._proc.pid
 
     # -- requests -----------------------------------------------------------------------------
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """``ValueError`` naming the limit if this request can never run here."""
-        max_tokens = params.max_tokens if params.max_tokens is not None else max(1, self.max_model_len - len(prompt_ids))
-        check_request_fits(len(prompt_ids), max_tokens, self.max_model_len, self.cache_config)
-
     def queued(self) -> tuple[int, int]:
         """(sequences, prompt tokens) waiting for a start: the core's last report plus what was
         sent after it."""
@@ -171,7 +162,6 @@ class AsyncLLM:
 
     def _admit(self, num_seqs: int, num_tokens: int) -> None:
         """``QueueFullError`` (429) if the queue has no room for this request now."""
-        self.check_queue_bounds(num_seqs, num_tokens)
         seqs, tokens = self.queued()
         if self.max_queued_requests is not None and seqs + num_seqs > self.max_queued_requests:
             raise QueueFullError(f"the waiting queue is full ({seqs} of --max-queued-requests "
@@ -190,13 +180,15 @@ class AsyncLLM:
         """
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
-        self.check_request(prompt_ids, params)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         if admit:
-            self._admit(params.n, len(prompt_ids) * params.n)
-        arrival = arrival_time or time.monotonic()
+            self.check_queue_bounds(params.n, len(prompt_ids) * params.n)  # before fanning out n
         reqs = fan_out(request_id, prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len)
+        check_request_fits(len(prompt_ids), reqs[0].max_tokens, self.max_model_len, self.cache_config)
+        if admit:
+            self._admit(len(reqs), len(prompt_ids) * len(reqs))
+        arrival = arrival_time or time.monotonic()
         try:  # encode before registering anything: a value msgpack cannot carry is a bad request
             msg = self._enc.encode(AddRequests([NewRequest(r.request_id, r.prompt_token_ids, r.sampling_params,
                                                            r.eos_token_ids, arrival) for r in reqs]))
@@ -209,7 +201,7 @@ class AsyncLLM:
         self._in.send(msg)
         self._sent_seqs += len(reqs)
         self._sent_tokens += len(prompt_ids) * len(reqs)
-        if record and self.stats_sink is not None and hasattr(self.stats_sink, "on_request_added"):
+        if record and self.stats_sink is not None:
             self.stats_sink.on_request_added(len(prompt_ids) * len(reqs))
         timeout = self.request_timeout if timeout is None else timeout
         return RequestStream(self, request_id, queue, None if timeout is None else arrival + timeout, timeout)
@@ -253,7 +245,7 @@ class AsyncLLM:
 
     def _handle(self, msg: CoreOutputs) -> None:
         self.stats = msg.stats
-        if self.stats_sink is not None and hasattr(self.stats_sink, "on_scheduler_stats"):
+        if self.stats_sink is not None:
             self.stats_sink.on_scheduler_stats(msg.stats)
         ready, to_abort = self.output_processor.process(msg.outputs)
         if to_abort:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from fleetlm.core.sched_output import EngineCoreOutput
 from fleetlm.engine.detokenizer import IncrementalDetokenizer
+from fleetlm.metrics.stats import SchedulerStats
 from fleetlm.models.tokenizer import Tokenizer
 from fleetlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fleetlm.sampling_params import SamplingParams
@@ -56,8 +57,10 @@ class ParentState:
 
 
 class StatsSink(Protocol):
-    """Where request-level timings go (the Prometheus exporter implements it)."""
+    """Where request-level timings and engine stats go (the Prometheus exporter implements it)."""
 
+    def on_request_added(self, num_prompt_tokens: int) -> None: ...
+    def on_scheduler_stats(self, stats: SchedulerStats) -> None: ...
     def on_first_token(self, ttft: float) -> None: ...
     def on_inter_token(self, gap: float) -> None: ...
     def on_new_tokens(self, n: int) -> None: ...

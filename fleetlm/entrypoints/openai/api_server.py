@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -32,6 +33,7 @@ from fleetlm.entrypoints.openai.protocol import (
 from fleetlm.entrypoints.openai.serving import (
     ClientGone,
     OpenAIServing,
+    close_all,
     engine_error,
     run_cancellable,
     safe_encode,
@@ -149,13 +151,15 @@ def build_app(state: ServerState):
         except Exception as e:
             raise engine_error(e) from None
         if req.stream:
-            return SSEResponse(handler.stream(req, rid, prepared, streams))
+            return SSEResponse(handler.stream(req, rid, prepared, streams), on_close=lambda: close_all(streams))
         try:
             return await run_cancellable(handler.full(req, rid, prepared, streams), request.receive)
         except ClientGone:
             return Response(status_code=499)
         except Exception as e:
             raise engine_error(e) from None
+        finally:  # also if the task was cancelled before it started: nothing stays in the engine
+            close_all(streams)
 
     @app.post("/v1/completions")
     async def create_completion(req: CompletionRequest, request: Request):
@@ -233,8 +237,6 @@ def validation_error(e) -> APIError:
 
 async def serve(args: EngineArgs, config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT (then drain) or until the engine cannot start. Returns the exit code."""
-    import uvicorn
-
     name = config.served_model_name or args.model
     metrics = PrometheusMetrics(name)
     engine = AsyncLLM(args, max_queued_requests=config.max_queued_requests,
@@ -244,7 +246,7 @@ async def serve(args: EngineArgs, config: ServerConfig) -> int:
     app = build_app(state)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
                         timeout_graceful_shutdown=5, lifespan="off")
-    server = _make_server_class()(uv, state)
+    server = DrainingServer(uv, state)
     serve_task = asyncio.create_task(server.serve())
     try:
         await engine.start()
@@ -260,37 +262,32 @@ async def serve(args: EngineArgs, config: ServerConfig) -> int:
     return 1 if state.load_error else 0
 
 
-def _make_server_class():
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """First SIGTERM/SIGINT: drain (503 for new work), then exit; a second one exits now."""
 
-    class DrainingServer(uvicorn.Server):
-        """First SIGTERM/SIGINT: drain (503 for new work), then exit; a second one exits now."""
+    def __init__(self, config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._drain_task: asyncio.Task | None = None
 
-        def __init__(self, config, state: ServerState) -> None:
-            super().__init__(config)
-            self.state = state
-            self._drain_task: asyncio.Task | None = None
+    def handle_exit(self, sig, frame) -> None:
+        if self.state.draining or not self.state.ready:
+            return super().handle_exit(sig, frame)
+        self.state.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_drain)
 
-        def handle_exit(self, sig, frame) -> None:
-            if self.state.draining or not self.state.ready:
-                return super().handle_exit(sig, frame)
-            self.state.draining = True
-            loop = asyncio.get_event_loop()
-            loop.call_soon_threadsafe(self._start_drain)
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.create_task(self._drain())
 
-        def _start_drain(self) -> None:
-            self._drain_task = asyncio.create_task(self._drain())
-
-        async def _drain(self) -> None:
-            eng, timeout = self.state.engine, self.state.config.shutdown_timeout
-            logger.info("draining: %d request(s) in flight, up to %.0f s", eng.num_inflight, timeout)
-            deadline = time.monotonic() + timeout
-            while eng.num_inflight and time.monotonic() < deadline and eng.dead_reason is None:
-                await asyncio.sleep(0.05)
-            if eng.num_inflight:
-                logger.warning("shutdown timeout: aborting %d request(s)", eng.num_inflight)
-                eng.fail_all("the server shut down before this request finished")
-                await asyncio.sleep(0.2)  # let handlers send their error bodies
-            self.should_exit = True
-
-    return DrainingServer
+    async def _drain(self) -> None:
+        eng, timeout = self.state.engine, self.state.config.shutdown_timeout
+        logger.info("draining: %d request(s) in flight, up to %.0f s", eng.num_inflight, timeout)
+        deadline = time.monotonic() + timeout
+        while eng.num_inflight and time.monotonic() < deadline and eng.dead_reason is None:
+            await asyncio.sleep(0.05)
+        if eng.num_inflight:
+            logger.warning("shutdown timeout: aborting %d request(s)", eng.num_inflight)
+            eng.fail_all("the server shut down before this request finished")
+            await asyncio.sleep(0.2)  # let handlers send their error bodies
+        self.should_exit = True

@@ -10,14 +10,17 @@ from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
+from fleetlm.entrypoints.openai.protocol import APIError
+
 OPEN_PATHS = {"/health"}
 
 
 async def send_error(send, status: int, message: str, type_: str, code: str | None = None,
                      headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    err = APIError(status, message, type=type_, code=code, headers=headers)
+    body = json.dumps(err.body()).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
 

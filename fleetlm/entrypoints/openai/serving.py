@@ -30,7 +30,7 @@ from fleetlm.entrypoints.openai.protocol import (
     CompletionRequest,
     bad_request,
 )
-from fleetlm.outputs import CompletionOutput, RequestOutput
+from fleetlm.outputs import RequestOutput
 from fleetlm.sampling_params import SamplingParams
 
 logger = logging.getLogger("fleetlm")
@@ -231,15 +231,6 @@ def completion_logprobs(token_ids: list[int], lps: list[PositionLogprobs | None]
         out["text_offset"].append(text_offset)
         text_offset += len(text)
     return out
-
-
-def prompt_logprob_tokens(out: RequestOutput) -> tuple[list[int], list[PositionLogprobs | None]]:
-    lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    return out.prompt_token_ids, lps
-
-
-def choice_tokens(c: CompletionOutput) -> int:
-    return len(c.token_ids)
 
 
 async def run_cancellable(coro, receive) -> object:

@@ -41,22 +41,26 @@ class CompletionHandler:
         choices = []
         for i, o in enumerate(outs):
             for c in o.outputs:
-                choices.append(self._choice(req, o, c, i * req.n + c.index, echo=req.echo))
+                choices.append(self._choice(req, o, c, i * req.n + c.index, with_prompt=req.echo)[0])
         n_gen = sum(len(c.token_ids) for o in outs for c in o.outputs)
         return {"id": rid, "object": "text_completion", "created": now_s(), "model": self.s.model_name,
                 "choices": choices, "usage": usage(sum(len(p.prompt_ids) for p in prepared), n_gen)}
 
-    def _choice(self, req: CompletionRequest, o: RequestOutput, c: CompletionOutput, index: int, echo: bool) -> dict:
-        prompt_text = self._prompt_text(o) if echo else ""
+    def _choice(self, req: CompletionRequest, o: RequestOutput, c: CompletionOutput, index: int,
+                with_prompt: bool, text_offset: int = 0) -> tuple[dict, int]:
+        """One choice (or one stream delta of it); ``with_prompt`` prepends the echoed prompt.
+        Returns it with the text offset after its logprob tokens (for the next delta)."""
         logprobs = None
         if req.logprobs is not None:
             tokens, lps = list(c.token_ids), list(c.logprobs or [])
-            if echo:
+            if with_prompt:
                 tokens = list(o.prompt_token_ids) + tokens
                 lps = list(o.prompt_logprobs or [None] * len(o.prompt_token_ids)) + lps
-            logprobs = completion_logprobs(tokens, lps, req.logprobs, 0)
-        return {"index": index, "text": prompt_text + c.text, "logprobs": logprobs,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            logprobs = completion_logprobs(tokens, lps, req.logprobs, text_offset)
+            text_offset += sum(len(t or "") for t in logprobs["tokens"])
+        text = (self._prompt_text(o) if with_prompt else "") + c.text
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason}, text_offset
 
     def _prompt_text(self, o: RequestOutput) -> str:
         if o.prompt is not None:
@@ -65,16 +69,15 @@ class CompletionHandler:
 
     async def stream(self, req: CompletionRequest, rid: str, prepared: list[Prepared], streams) -> AsyncIterator[bytes]:
         created, n_gen = now_s(), 0
-        echoed: set[int] = set()
-        offsets: dict[int, int] = {}
+        offsets: dict[int, int] = {}  # choice index -> text offset of its next logprob token
         try:
             async for i, o in merged(streams):
                 check_error(o)
                 for c in o.outputs:
                     index = i * req.n + c.index
                     n_gen += len(c.token_ids)
-                    choice = self._stream_choice(req, o, c, index, index not in echoed, offsets)
-                    echoed.add(index)
+                    first = index not in offsets
+                    choice, offsets[index] = self._choice(req, o, c, index, req.echo and first, offsets.get(index, 0))
                     yield sse({"id": rid, "object": "text_completion", "created": created,
                                "model": self.s.model_name, "choices": [choice]}
                               | ({"usage": None} if self._include_usage(req) else {}))
@@ -87,24 +90,6 @@ class CompletionHandler:
             close_all(streams)
         yield SSE_DONE
 
-    def _stream_choice(self, req: CompletionRequest, o: RequestOutput, c: CompletionOutput, index: int,
-                       first: bool, offsets: dict[int, int]) -> dict:
-        prefix = self._prompt_text(o) if (req.echo and first) else ""
-        logprobs = None
-        if req.logprobs is not None:
-            tokens, lps = list(c.token_ids), list(c.logprobs or [])
-            if req.echo and first:
-                tokens = list(o.prompt_token_ids) + tokens
-                lps = list(o.prompt_logprobs or [None] * len(o.prompt_token_ids)) + lps
-            logprobs = completion_logprobs(tokens, lps, req.logprobs, offsets.get(index, 0))
-            offsets[index] = offsets.get(index, 0) + sum(len(t or "") for t in logprobs["tokens"])
-        return {"index": index, "text": prefix + c.text, "logprobs": logprobs,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-
     @staticmethod
     def _include_usage(req: CompletionRequest) -> bool:
         return req.stream_options is not None and req.stream_options.include_usage
-
-
-
-

@@ -1,15 +1,15 @@
 """A streaming response that stops the moment the client goes away.
 
 Two tasks race: one pumps the body generator to the socket, one waits for ``http.disconnect``.
-Whichever ends first cancels the other, and the generator is always closed, so its ``finally``
-(which aborts the engine requests) runs even when the client leaves during a long prefill.
+Whichever ends first cancels the other; then the generator is closed and ``on_close`` (which
+aborts the engine requests) runs, even when the client leaves before the first byte.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import Response
 
@@ -17,9 +17,10 @@ from fleetlm.entrypoints.openai.serving import wait_disconnect
 
 
 class SSEResponse(Response):
-    def __init__(self, body: AsyncIterator[bytes]) -> None:
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.body = body
+        self.on_close = on_close  # runs even if the body never started
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -36,6 +37,7 @@ class SSEResponse(Response):
                     await t
             with contextlib.suppress(BaseException):
                 await self.body.aclose()
+            self.on_close()
 
     async def _pump(self, send) -> None:
         try:
