@@ -68,6 +68,9 @@ class EngineArgs:
     num_threads: int | None = None  # CPU intra-op threads (default: all cores)
     attention_backend: str = "auto"  # auto | torch_paged | cpu_native
     seed: int = 0  # seeds the sampling of requests that have no seed of their own
+    tensor_parallel_size: int = 1  # ranks that split every layer's heads and matrices
+    pipeline_parallel_size: int = 1  # stages that split the layers
+    distributed_executor_backend: str = "auto"  # auto | uniproc | multiproc
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -95,6 +98,16 @@ class EngineArgs:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.attention_backend not in ("auto", "torch_paged", "cpu_native"):
             raise ValueError(f"attention_backend must be auto, torch_paged or cpu_native, got {self.attention_backend!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.distributed_executor_backend not in ("auto", "uniproc", "multiproc"):
+            raise ValueError("distributed_executor_backend must be auto, uniproc or multiproc, got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "uniproc" and self.world_size > 1:
+            raise ValueError(f"distributed_executor_backend 'uniproc' runs one rank, but tensor_parallel_size x "
+                             f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
 
@@ -105,6 +118,16 @@ class EngineArgs:
         if unknown:
             raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}; accepted: {', '.join(sorted(names))}")
         return cls(model=model, **kwargs)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend != "auto":
+            return self.distributed_executor_backend
+        return "multiproc" if self.world_size > 1 else "uniproc"
 
     @property
     def resolved_device(self) -> str:

@@ -42,7 +42,7 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
     stop_reason: int | str | None = None
-    block_hashes: list[int] = field(default_factory=list)  # hashes of full blocks, in order
+    block_hashes: list[bytes] = field(default_factory=list)  # stable digests of full blocks, in order
     first_scheduled_time: float | None = None
 
     @property

@@ -49,7 +49,7 @@ class AttentionBackend(ABC):
 class ForwardContext:
     backend: AttentionBackend
     meta: Any
-    kv_caches: list[torch.Tensor]  # per layer
+    kv_caches: dict[int, torch.Tensor]  # layer index -> that layer's cache (this stage's layers)
 
 
 _CTX: ForwardContext | None = None
@@ -63,6 +63,11 @@ def forward_context(ctx: ForwardContext) -> Iterator[None]:
         yield
     finally:
         _CTX = prev
+
+
+def current_forward_context() -> ForwardContext | None:
+    """The step's context, or None outside the paged engine (training, plain forward)."""
+    return _CTX
 
 
 def get_forward_context() -> ForwardContext:

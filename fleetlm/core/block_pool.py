@@ -10,26 +10,51 @@ Invariants (checked by the unit tests):
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import msgspec
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> int:
-    """Chain hash of one full block: it covers every token before it through ``parent_hash``."""
-    return hash((parent_hash, tuple(token_ids), extra_keys))
+
+def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> bytes:
+    """Chain hash of one full block: it covers every token before it through ``parent_hash``.
+
+    A stable digest (sha256 over a canonical encoding: parent digest, token ids as little-endian
+    int64, extra keys as msgpack), so the same tokens give the same key in every process, on every
+    machine and in every Python run (Python's ``hash`` is salted per process). Routers, KV events
+    and KV transfer rely on that.
+    """
+    h = hashlib.sha256(parent_hash or NONE_HASH)
+    h.update(array("q", token_ids).tobytes() if sys.byteorder == "little" else _le_int64(token_ids))
+    if extra_keys:
+        h.update(msgspec.msgpack.encode(extra_keys))
+    return h.digest()
+
+
+NONE_HASH = bytes(32)  # the parent of a sequence's first block
+
+
+def _le_int64(token_ids: Sequence[int]) -> bytes:
+    a = array("q", token_ids)
+    a.byteswap()
+    return a.tobytes()
 
 
 @dataclass(eq=False)
 class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
-    block_hash: int | None = None
-    parent_hash: int | None = None
+    block_hash: bytes | None = None
+    parent_hash: bytes | None = None
+    pending_step: int | None = None  # inserted by a step whose K/V are not yet known written
     token_ids: tuple[int, ...] | None = None  # kept for the token check on a hit
 
     def reset_hash(self) -> None:
-        self.block_hash = self.parent_hash = self.token_ids = None
+        self.block_hash = self.parent_hash = self.token_ids = self.pending_step = None
 
 
 class BlockPool:
@@ -54,7 +79,7 @@ class BlockPool:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     # -- prefix cache interface: match / touch (lock) / insert / evict -------------------------
-    def match(self, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]) -> KVCacheBlock | None:
+    def match(self, block_hash: bytes, parent_hash: bytes | None, token_ids: Sequence[int]) -> KVCacheBlock | None:
         """The cached block for this hash, only if its parent hash and tokens really match."""
         block = self._cached.get(block_hash)
         if block is None or block.parent_hash != parent_hash or block.token_ids != tuple(token_ids):
@@ -68,7 +93,7 @@ class BlockPool:
                 del self._free[b.block_id]
             b.ref_cnt += 1
 
-    def insert(self, block: KVCacheBlock, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]) -> bool:
+    def insert(self, block: KVCacheBlock, block_hash: bytes, parent_hash: bytes | None, token_ids: Sequence[int]) -> bool:
         """Make a full block hittable; True if it was inserted (first writer wins per hash)."""
         if not self.enable_caching or block.block_hash is not None or block_hash in self._cached:
             return False

@@ -7,7 +7,8 @@ Rules:
   in the step being scheduled (K/V are written for the whole batch before any attention reads,
   so a later request of the same step may already hit it). If that step fails, ``rollback``
   withdraws the step's insertions, so no one ever hits K/V that was not written; ``commit``
-  after a successful step makes them permanent.
+  after a successful step makes them permanent. With several steps in flight (pipeline
+  parallelism) a block inserted by a step still in flight is hittable by that step only.
 - A hit never covers the last prompt token: there must be logits to sample from.
 - Requests that need prompt logprobs skip the cache lookup (their logits must be computed).
 """
@@ -33,7 +34,9 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.stats = PrefixCacheStats()
-        self._step_inserted: list[KVCacheBlock] = []
+        self._step_inserted: list[KVCacheBlock] = []  # by the step being scheduled
+        self._pending: dict[int, list[KVCacheBlock]] = {}  # step id -> its insertions, until commit
+        self.current_step = 0
         self._num_walked: dict[str, int] = {}  # per request: leading full blocks already offered to the cache
 
     @property
@@ -61,7 +64,7 @@ class KVCacheManager:
         for i in range(max_hit_blocks):
             parent = req.block_hashes[i - 1] if i else None
             block = self.pool.match(req.block_hashes[i], parent, req.token_slice(i * bs, (i + 1) * bs))
-            if block is None:
+            if block is None or block.pending_step not in (None, self.current_step):
                 break
             hits.append(block)
         if req.num_preemptions == 0:
@@ -102,17 +105,29 @@ class KVCacheManager:
             if blocks[i].block_hash is None:
                 parent = req.block_hashes[i - 1] if i else None
                 if self.pool.insert(blocks[i], req.block_hashes[i], parent, req.token_slice(i * bs, (i + 1) * bs)):
+                    blocks[i].pending_step = self.current_step
                     self._step_inserted.append(blocks[i])
 
-    def commit(self) -> None:
-        """The step ran: the blocks it inserted hold real K/V."""
-        self._step_inserted.clear()
+    def begin_step(self, step_id: int) -> None:
+        self.current_step = step_id
 
-    def rollback(self) -> None:
+    def seal_step(self) -> None:
+        """Scheduling of the current step is done: its insertions wait for commit or rollback."""
+        if self._step_inserted:
+            self._pending[self.current_step] = self._step_inserted
+            self._step_inserted = []
+
+    def commit(self, step_id: int) -> None:
+        """The step ran: the blocks it inserted hold real K/V."""
+        for block in self._pending.pop(step_id, []):
+            if block.pending_step == step_id:
+                block.pending_step = None
+
+    def rollback(self, step_id: int) -> None:
         """The step failed: withdraw what it inserted in the prefix cache."""
-        for block in self._step_inserted:
-            self.pool.uncache(block)
-        self._step_inserted.clear()
+        for block in self._pending.pop(step_id, []):
+            if block.pending_step == step_id:
+                self.pool.uncache(block)
         self._num_walked.clear()  # offer them again once they are really computed
 
     def free(self, req: Request) -> None:

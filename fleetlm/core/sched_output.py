@@ -1,5 +1,9 @@
 """Messages between the scheduler and the workers. Plain data, no engine objects, so the same
-``SchedulerOutput`` can be sent to every tensor/pipeline-parallel worker process."""
+``SchedulerOutput`` can be sent to every tensor/pipeline-parallel worker process.
+
+Workers never decide a request's tokens themselves: sampled tokens come back to the scheduler,
+which sends each worker the ones it has not seen (``CachedRequestData.new_token_ids``). So every
+rank and every pipeline stage holds the same token history, whichever rank sampled."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    new_token_ids: list[int] = field(default_factory=list)  # sampled since the workers last saw it
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)  # workers drop their state
+    step_id: int = 0  # increasing; steps in flight at once (pipeline parallel) finish in this order
 
     @property
     def is_empty(self) -> bool:

@@ -6,6 +6,10 @@ capped by what is left of the step's budget; chunked prefill is that cap. Runnin
 served first, so decodes never wait behind a long prompt. When the KV pool runs dry, the most
 recently admitted running request is preempted (its blocks freed, to be recomputed) and goes
 back to the head of the waiting queue.
+
+Steps in flight: with pipeline parallelism the engine keeps up to ``pp`` steps running at once.
+A request scheduled in a step stays *in flight* until ``update_from_output`` of that step; it is
+never scheduled again, nor preempted, before that (its next token is not known yet).
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._on_workers: set[str] = set()  # requests whose state the workers hold
+        self._on_workers: dict[str, int] = {}  # requests whose state the workers hold -> output tokens they have
+        self._in_flight: set[str] = set()  # scheduled in a step whose output has not come back
+        self._next_step_id = 0
         self._finished_ids: set[str] = set()  # to tell the workers next step
         self.num_preemptions = 0
         self.num_adds_seen = 0
@@ -106,8 +112,10 @@ class Scheduler:
             req = self.requests[rid]
             req.num_computed_tokens -= n  # as before the step: the worker recomputes those n
             data = self.new_request_data(rid)
+            self._on_workers[rid] = len(req.output_token_ids)
             req.num_computed_tokens += n
-            subs.append(SchedulerOutput([data], [], {rid: n}, n, finished_req_ids=finished | {rid}))
+            subs.append(SchedulerOutput([data], [], {rid: n}, n, finished_req_ids=finished | {rid},
+                                        step_id=so.step_id))
             finished = set()
         return subs
 
@@ -118,7 +126,13 @@ class Scheduler:
                               self.kv.block_ids(rid), req.num_computed_tokens)
 
     # -- one step -------------------------------------------------------------------------------
+    def has_schedulable(self) -> bool:
+        """Could ``schedule`` give work now (some request not already in flight)?"""
+        return bool(self.waiting) or any(r.request_id not in self._in_flight for r in self.running)
+
     def schedule(self) -> SchedulerOutput:
+        step_id = self._next_step_id
+        self.kv.begin_step(step_id)
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
@@ -128,10 +142,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.request_id in self._in_flight:
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
-                victim = self.running.pop()
+                victim = self._pick_victim(i)
+                if victim is None:
+                    break
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -164,22 +184,40 @@ class Scheduler:
 
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
+        self.kv.seal_step()
+        if not num_scheduled:  # nothing to run: workers learn about finished requests next time
+            return SchedulerOutput([], [], {}, 0, step_id=step_id)
+        self._next_step_id += 1
+        self._in_flight.update(num_scheduled)
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self._finished_ids,
+            step_id=step_id,
         )
         self._finished_ids = set()
         return out
 
+    def _pick_victim(self, first: int) -> Request | None:
+        """The most recently admitted running request from index ``first`` on that is not in
+        flight (requests before ``first`` are already in this step)."""
+        for req in reversed(self.running[first:]):
+            if req.request_id not in self._in_flight:
+                return req
+        return None
+
     def _record(self, req: Request, n: int, new_blocks, new_reqs, cached_reqs) -> None:
         rid = req.request_id
-        if rid in self._on_workers:
-            cached_reqs.append(CachedRequestData(rid, [b.block_id for b in new_blocks], req.num_computed_tokens))
+        seen = self._on_workers.get(rid)
+        if seen is not None:
+            new_tokens = req.output_token_ids[seen:]
+            self._on_workers[rid] = len(req.output_token_ids)
+            cached_reqs.append(CachedRequestData(rid, [b.block_id for b in new_blocks], req.num_computed_tokens,
+                                                 new_tokens))
             return
-        self._on_workers.add(rid)
+        self._on_workers[rid] = len(req.output_token_ids)
         new_reqs.append(self.new_request_data(rid))
 
     def _preempt(self, req: Request) -> None:
@@ -193,11 +231,12 @@ class Scheduler:
 
     def _forget_on_workers(self, req_id: str) -> None:
         if req_id in self._on_workers:
-            self._on_workers.discard(req_id)
+            del self._on_workers[req_id]
             self._finished_ids.add(req_id)
 
     # -- results --------------------------------------------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        self._in_flight.difference_update(sched.num_scheduled_tokens)
         outputs: list[EngineCoreOutput] = []
         for rid, msg in result.errors.items():
             req = self.requests.get(rid)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fleetlm.config import EngineArgs, parse_dtype
+from fleetlm.distributed.parallel_state import check_parallel_fits
 from fleetlm.engine.engine_core import EngineCore
 from fleetlm.engine.output_processor import OutputProcessor
 from fleetlm.models.hub import resolve_model
@@ -38,7 +39,13 @@ def load_engine_parts(args: EngineArgs) -> tuple[LoadedModel, torch.dtype, int]:
     """Model files (weights streamed lazily), compute dtype and max_model_len for ``args``."""
     dtype = parse_dtype(args.dtype, args.resolved_device)
     files = load_model_files(resolve_model(args.model), dtype)
-    return files, dtype, resolve_max_model_len(args, files.config.max_position_embeddings)
+    c = files.config
+    check_parallel_fits(c.num_heads, c.num_kv_heads, c.num_layers, args.tensor_parallel_size,
+                        args.pipeline_parallel_size)
+    if c.intermediate_size % args.tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size {args.tensor_parallel_size} does not divide the model's "
+                         f"intermediate size ({c.intermediate_size})")
+    return files, dtype, resolve_max_model_len(args, c.max_position_embeddings)
 
 
 def fan_out(request_id: str, prompt_ids: list[int], params: SamplingParams, eos_token_ids: tuple[int, ...],

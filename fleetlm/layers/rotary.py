@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fleetlm.layers.fused import fused_ops_for
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -36,11 +38,11 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables. ``lookup`` runs once per step (positions are shared by all
-    layers); ``forward`` rotates q and k heads together.
+    """Precomputed cos/sin tables; rotates the q and k heads of a fused qkv projection output.
 
     The sin table is stored with its first half negated so that ``rotate_half(x) * sin`` becomes
-    ``roll(x, half) * sin_signed``: the same products, one op fewer."""
+    ``roll(x, half) * sin_signed``: the same products, one op fewer. For bf16/fp16 on CPU (chosen
+    at construction) the compiled kernel rotates in place in the qkv buffer."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
@@ -52,12 +54,19 @@ class RotaryEmbedding(nn.Module):
         sin[:, : head_dim // 2].neg_()
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin_signed", sin.to(dtype), persistent=False)
+        self.head_dim = head_dim
         self.half = head_dim // 2
+        self.ops = fused_ops_for(dtype)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
-
-    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; returns the rotated copy."""
-        cos, sin = cos_sin
-        return x * cos + x.roll(self.half, dims=-1) * sin
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, num_rotated_heads: int) -> torch.Tensor:
+        """``qkv`` [..., heads * head_dim]: rotates its first ``num_rotated_heads`` heads (q then
+        k); returns [..., heads, head_dim] (the same storage when rotated in place)."""
+        d = self.head_dim
+        if self.ops is not None and qkv.dim() == 2 and not (torch.is_grad_enabled() and qkv.requires_grad):
+            self.ops.rope_(qkv, num_rotated_heads, d, self.cos, self.sin_signed, positions)
+            return qkv.view(qkv.shape[0], -1, d)
+        x = qkv.view(*qkv.shape[:-1], -1, d)
+        cos, sin = self.cos[positions].unsqueeze(-2), self.sin_signed[positions].unsqueeze(-2)
+        qk = x[..., :num_rotated_heads, :]
+        qk = qk * cos + qk.roll(self.half, dims=-1) * sin
+        return torch.cat((qk, x[..., num_rotated_heads:, :]), dim=-2)

@@ -1,89 +1,78 @@
 """Llama-family decoder (Llama 2/3, Mistral without sliding window, Qwen2 with attention bias).
 
-Plain ``nn.Module``s over a flat token axis: ``forward(input_ids [T], positions [T])`` returns
-hidden states [T, hidden]; attention reads the paged-KV metadata from the forward context.
-q/k/v and gate/up projections are fused into one matmul each; ``load_weights`` takes Hugging
-Face parameter names and fills the fused shards.
+One model file for serving and training, built from tensor-parallel layers (``layers/``):
+
+- serving: ``forward(input_ids [T], positions [T])`` over a flat token axis, attention reading the
+  paged-KV metadata from the forward context;
+- training / plain use: ``forward(input_ids [B, T], positions [B, T])`` with no forward context:
+  causal SDPA, parameters that may require grad (``requires_grad_()``), logits via ``lm_head``.
+
+Pipeline parallelism: this rank builds only its stage's layers (others are ``PPMissingLayer``),
+the embedding on the first stage and the final norm and LM head on the last. A stage that is
+not the first takes ``IntermediateTensors`` (hidden states and residual) instead of ids; one
+that is not the last returns them.
+
+``load_weights`` takes Hugging Face names and full tensors; each layer's ``weight_loader`` keeps
+this rank's slice. It is strict: a missing, unexpected or misshaped tensor is an error naming it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fleetlm.distributed.parallel_state import parallel_state
+from fleetlm.layers.activation import SiluAndMul
 from fleetlm.layers.attention import Attention
+from fleetlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fleetlm.layers.norm import RMSNorm
 from fleetlm.layers.rotary import RotaryEmbedding
+from fleetlm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from fleetlm.models.loader import ModelConfig
 
 
-def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+@dataclass
+class IntermediateTensors:
+    """What one pipeline stage hands to the next."""
+
+    hidden: torch.Tensor
+    residual: torch.Tensor
+
+
+class PPMissingLayer(nn.Identity):
+    """Stands where a module of another pipeline stage would be."""
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
         super().__init__()
-        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv_out = (self.h + 2 * self.hkv) * self.d
-        self.qkv_weight = _param(qkv_out, cfg.hidden_size, dtype=dtype)
-        self.qkv_bias = _param(qkv_out, dtype=dtype) if cfg.attention_bias else None
-        self.o_weight = _param(cfg.hidden_size, self.h * self.d, dtype=dtype)
-        self.rope = rope
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.attention_bias, dtype=dtype)
+        self.h, self.hkv, self.d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, dtype=dtype)
+        self.rotary_emb = rope
         self.attn = Attention(layer_idx)
 
-    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(t, self.h + 2 * self.hkv, self.d)
-        qk = self.rope(cos_sin, qkv[:, : self.h + self.hkv])
-        q, k = qk[:, : self.h], qk[:, self.h :]
-        v = qkv[:, self.h + self.hkv :]
-        out = self.attn(q, k, v)
-        return F.linear(out.reshape(t, self.h * self.d), self.o_weight)
-
-    def forward_fused(self, ops, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
-        ops.rope_(qkv, self.h + self.hkv, self.d, self.rope.cos, self.rope.sin_signed, positions)
-        qkv = qkv.view(t, self.h + 2 * self.hkv, self.d)
-        out = self.attn(qkv[:, : self.h], qkv[:, self.h : self.h + self.hkv], qkv[:, self.h + self.hkv :])
-        return F.linear(out.reshape(t, self.h * self.d), self.o_weight)
-
-    def shards(self) -> dict[str, tuple[nn.Parameter, int, int]]:
-        h, kv = self.h * self.d, self.hkv * self.d
-        out = {}
-        for part, start, size in (("q_proj", 0, h), ("k_proj", h, kv), ("v_proj", h + kv, kv)):
-            out[f"self_attn.{part}.weight"] = (self.qkv_weight, start, size)
-            if self.qkv_bias is not None:
-                out[f"self_attn.{part}.bias"] = (self.qkv_bias, start, size)
-        out["self_attn.o_proj.weight"] = (self.o_weight, 0, self.o_weight.shape[0])
-        return out
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.rotary_emb(positions, self.qkv_proj(x), self.h + self.hkv)
+        h, hkv = self.h, self.hkv
+        out = self.attn(qkv[..., :h, :], qkv[..., h : h + hkv, :], qkv[..., h + hkv :, :])
+        return self.o_proj(out.reshape(*out.shape[:-2], h * self.d))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.inter = cfg.intermediate_size
-        self.gate_up_weight = _param(2 * self.inter, cfg.hidden_size, dtype=dtype)
-        self.down_weight = _param(cfg.hidden_size, self.inter, dtype=dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, dtype=dtype)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
+        self.act_fn = SiluAndMul(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_weight)
-        return F.linear(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :], self.down_weight)
-
-    def forward_fused(self, ops, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(ops.silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
-
-    def shards(self) -> dict[str, tuple[nn.Parameter, int, int]]:
-        i = self.inter
-        return {
-            "mlp.gate_proj.weight": (self.gate_up_weight, 0, i),
-            "mlp.up_proj.weight": (self.gate_up_weight, i, i),
-            "mlp.down_proj.weight": (self.down_weight, 0, self.down_weight.shape[0]),
-        }
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,87 +83,148 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(cos_sin, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the block output and the residual stream before it (their sum is the
+        hidden state a Hugging Face decoder layer returns)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, layers: range) -> None:
+        super().__init__()
+        st = parallel_state()
+        self.layer_range = layers
+        rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+                             if st.is_first_stage else PPMissingLayer())
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, rope, dtype) if i in layers else PPMissingLayer()
+            for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if st.is_last_stage else PPMissingLayer()
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if intermediate is None:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate.hidden, intermediate.residual
+        for i in self.layer_range:
+            x, residual = self.layers[i](positions, x, residual)
+        if not parallel_state().is_last_stage:
+            return IntermediateTensors(x, residual)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+# Hugging Face name fragment -> (our merged parameter, shard id)
+_STACKED = (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"), ("v_proj", "qkv_proj", "v"),
+            ("gate_proj", "gate_up_proj", 0), ("up_proj", "gate_up_proj", 1))
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, layers: range | None = None) -> None:
         super().__init__()
         self.config = cfg
-        rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
-        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.rope = rope
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rope, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.ops = None
+        self.model = LlamaModel(cfg, dtype, max_positions, layers if layers is not None else range(cfg.num_layers))
+        st = parallel_state()
+        if not st.is_last_stage:
+            self.lm_head = PPMissingLayer()
+        else:
+            tie = self.model.embed_tokens if cfg.tie_word_embeddings and st.is_first_stage else None
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tie_to=tie)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed_tokens)
-        if self.ops is not None:
-            return self._forward_fused(positions, x)
-        cos_sin = self.rope.lookup(positions)
-        for layer in self.layers:
-            x = layer(cos_sin, x)
-        return self.norm(x)
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
 
-    def use_fused_ops(self, ops) -> None:
-        """Run with the compiled fused ops (bf16/fp16 on CPU). fp32 keeps the op-for-op
-        reference path so greedy outputs stay token-identical to transformers."""
-        self.ops = ops
+    @property
+    def layer_range(self) -> range:
+        """The layers this pipeline stage runs."""
+        return self.model.layer_range
 
-    def _forward_fused(self, positions: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Same maths, residual stream kept apart: each add_rms_norm_ adds the block output to
-        the residual and normalizes the sum for the next block, in one pass."""
-        ops, eps = self.ops, self.config.rms_norm_eps
-        h = residual.clone()
-        ops.add_rms_norm_(h, None, self.layers[0].input_layernorm.weight, eps)
-        for i, layer in enumerate(self.layers):
-            h = layer.self_attn.forward_fused(ops, positions, h)
-            ops.add_rms_norm_(h, residual, layer.post_attention_layernorm.weight, eps)
-            h = layer.mlp.forward_fused(ops, h)
-            nxt = self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight
-            ops.add_rms_norm_(h, residual, nxt, eps)
-        return h
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """fp32 logits for the given rows on TP rank 0 of the last stage (None on other TP ranks)."""
+        return self.lm_head.compute_logits(hidden)
 
-    def _targets(self) -> dict[str, tuple[nn.Parameter, int, int]]:
-        out: dict[str, tuple[nn.Parameter, int, int]] = {
-            "model.embed_tokens.weight": (self.embed_tokens, 0, self.config.vocab_size),
-            "model.norm.weight": (self.norm.weight, 0, self.config.hidden_size),
-        }
-        if not self.config.tie_word_embeddings:
-            out["lm_head.weight"] = (self.lm_head, 0, self.config.vocab_size)
-        for i, layer in enumerate(self.layers):
-            pre = f"model.layers.{i}."
-            local = {**layer.self_attn.shards(), **layer.mlp.shards()}
-            local["input_layernorm.weight"] = (layer.input_layernorm.weight, 0, self.config.hidden_size)
-            local["post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, 0, self.config.hidden_size)
-            out.update({pre + k: v for k, v in local.items()})
+    # -- weights ----------------------------------------------------------------------------------
+    def _param_for(self, name: str) -> tuple[str, str | int | None] | None:
+        """Our parameter name and shard id for a checkpoint tensor; None if it belongs to
+        another pipeline stage. ``ValueError`` if no part of this model has such a tensor."""
+        cfg = self.config
+        if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and cfg.tie_word_embeddings):
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                return None  # tied: the embedding is the head
+            targets = []
+            if name == "model.embed_tokens.weight" and not isinstance(self.model.embed_tokens, PPMissingLayer):
+                targets.append("model.embed_tokens.weight")
+            if not isinstance(self.lm_head, PPMissingLayer) and self.lm_head.weight is not getattr(
+                    self.model.embed_tokens, "weight", None):
+                targets.append("lm_head.weight")
+            return ("|".join(targets), None) if targets else None
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) >= cfg.num_layers:
+            raise ValueError(f"unexpected weight {name!r}: the model has {cfg.num_layers} layers")
+        for hf, ours, shard in _STACKED:
+            if f".{hf}." in name:
+                return self._local(name.replace(f".{hf}.", f".{ours}."), shard)
+        return self._local(name, None)
+
+    def _local(self, name: str, shard: str | int | None) -> tuple[str, str | int | None] | None:
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) not in self.model.layer_range:
+            return None
+        if name.startswith("model.embed_tokens.") and isinstance(self.model.embed_tokens, PPMissingLayer):
+            return None
+        if name.startswith("model.norm.") and isinstance(self.model.norm, PPMissingLayer):
+            return None
+        return name, shard
+
+    def _expected(self) -> set[tuple[str, str | int | None]]:
+        out: set[tuple[str, str | int | None]] = set()
+        for name, _ in self.named_parameters():
+            if ".qkv_proj." in name:
+                out |= {(name, s) for s in ("q", "k", "v")}
+            elif ".gate_up_proj." in name:
+                out |= {(name, 0), (name, 1)}
+            else:
+                out.add((name, None))
         return out
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy every expected tensor into place; a missing, unexpected or misshaped one is an error."""
-        targets = self._targets()
-        seen: set[str] = set()
+        """Load this rank's slice of every tensor; strict about names and shapes."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        expected, seen = self._expected(), set()
         for name, tensor in weights:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            if name not in targets:
-                raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-            param, start, size = targets[name]
-            dst = param.narrow(0, start, size)
-            if tuple(dst.shape) != tuple(tensor.shape):
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(tensor)
-            seen.add(name)
-        missing = sorted(set(targets) - seen)
+            target = self._param_for(name)
+            if target is None:
+                continue  # another pipeline stage's tensor
+            ours, shard = target
+            for pname in ours.split("|"):
+                if pname not in params:
+                    raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
+                module = self.get_submodule(pname.rsplit(".", 1)[0])
+                try:
+                    module.weight_loader(params[pname], tensor, shard)
+                except ValueError as e:
+                    raise ValueError(f"weight {name!r}: {e}") from None
+                seen.add((pname, shard))
+        missing = sorted(str(p if s is None else f"{p}[{s}]") for p, s in expected - seen)
         if missing:
-            raise ValueError(f"weights missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            more = " ..." if len(missing) > 5 else ""
+            raise ValueError(f"weights missing from the checkpoint: {', '.join(missing[:5])}{more}")
+

@@ -4,6 +4,11 @@ Per step: update the request states, lay the batch out (decodes first), build in
 positions, the slot mapping and the block table, run the model inside ``forward_context``,
 compute logits only for rows that sample (a request whose known tokens are all computed), sample,
 and gather the requested log-probs.
+
+Every rank runs the same steps on the same states. A pipeline stage that is not the first
+receives the previous stage's hidden states instead of embedding ids; one that is not the last
+sends its own on and returns None. On the last stage every TP rank joins the LM head's gather,
+and only TP rank 0 (the output rank) samples and returns a ``ModelRunnerOutput``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 from fleetlm.attention.base import BatchLayout, ForwardContext, forward_context
 from fleetlm.attention.registry import get_attention_backend
 from fleetlm.core.sched_output import Logprob, ModelRunnerOutput, PositionLogprobs, SchedulerOutput
+from fleetlm.distributed.communication import recv_from_prev_stage, send_to_next_stage
+from fleetlm.distributed.parallel_state import parallel_state
 from fleetlm.sample.sampler import Sampler, SamplerOutput
 from fleetlm.worker.input_batch import CachedRequestState, build_sampling_metadata
 
@@ -32,18 +39,32 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.backend = get_attention_backend(attention_backend, device, block_size, next(model.parameters()).dtype)
         self.sampler = Sampler()
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_caches: dict[int, torch.Tensor] = {}
         self.kv_cache: torch.Tensor | None = None
+        self.rank = parallel_state()
+        self.dtype = next(model.parameters()).dtype
+        self._pending_sends: list = []
+        self.phase = "prepare"  # where the last step was: prepare | forward | sample
         self.states: dict[str, CachedRequestState] = {}
         fault = os.environ.get(FAULT_ENV)
         self.fault_token_id = int(fault) if fault else None
 
+    @property
+    def layer_ids(self) -> range:
+        return self.model.layer_range
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank holds: ``num_kv_heads / tp``, at least one (replicated past that)."""
+        return max(1, self.cfg.num_kv_heads // self.rank.tp_size)
+
     def initialize_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
-        """One tensor [layers, 2, num_blocks, block_size, kv_heads, head_dim]; per-layer views."""
-        c = self.cfg
-        shape = (c.num_layers, 2, num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        """One tensor [this stage's layers, 2, num_blocks, block_size, this rank's kv_heads,
+        head_dim]; per-layer views keyed by the layer's index in the model."""
+        c, layers = self.cfg, self.layer_ids
+        shape = (len(layers), 2, num_blocks, self.block_size, self.num_kv_heads, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.kv_caches = list(self.kv_cache.unbind(0))
+        self.kv_caches = dict(zip(layers, self.kv_cache.unbind(0)))
 
     # -- state ----------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -56,6 +77,7 @@ class ModelRunner:
         for r in so.scheduled_cached_reqs:
             st = self.states[r.req_id]
             st.block_ids.extend(r.new_block_ids)
+            st.output_token_ids.extend(r.new_token_ids)
             st.num_computed_tokens = r.num_computed_tokens
 
     def _layout(self, so: SchedulerOutput) -> tuple[list[CachedRequestState], BatchLayout, torch.Tensor, torch.Tensor]:
@@ -78,21 +100,34 @@ class ModelRunner:
 
     # -- step -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        self.phase = "prepare"  # no collective yet: an error here is the same on every rank
         self._update_states(so)
         if so.is_empty:
-            return ModelRunnerOutput([], [])
+            return ModelRunnerOutput([], []) if self.rank.is_output_rank else None
         states, layout, input_ids, positions = self._layout(so)
         if self.fault_token_id is not None:
             self._inject_fault(states)
         meta = self.backend.build_metadata(layout, self.device)
+        self.phase = "forward"  # collectives: an error here leaves the other ranks waiting
+        intermediate = None if self.rank.is_first_stage else self._recv_intermediate(len(input_ids))
         with forward_context(ForwardContext(self.backend, meta, self.kv_caches)):
-            hidden = self.model(input_ids, positions)
+            hidden = self.model(input_ids, positions, intermediate)
+        for i, s in enumerate(states):
+            s.num_computed_tokens = int(layout.seq_lens[i])
+        if not self.rank.is_last_stage:
+            self._send_intermediate(hidden)
+            return None
+        return self._sample_step(states, layout, hidden)
+
+    def _sample_step(self, states: list[CachedRequestState], layout: BatchLayout,
+                     hidden: torch.Tensor) -> ModelRunnerOutput | None:
+        """Logits for the rows that sample (and prompt log-probs); every TP rank of the last stage
+        joins the gathers, the output rank samples."""
         ends = np.cumsum(layout.query_lens)
         samples = [i for i, s in enumerate(states) if layout.seq_lens[i] == s.num_tokens]
         out = ModelRunnerOutput([s.req_id for s in states], [[] for _ in states])
         for i, s in enumerate(states):
-            s.num_computed_tokens = int(layout.seq_lens[i])
             if s.sampling_params.prompt_logprobs is not None:
                 lps = self._prompt_logprobs(s, hidden[ends[i] - layout.query_lens[i] : ends[i]], int(layout.context_lens[i]))
                 if lps is not None:
@@ -100,10 +135,26 @@ class ModelRunner:
         if samples:
             rows = torch.from_numpy(ends[samples] - 1).to(self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
-            sampling = [states[i] for i in samples]
-            result = self.sampler(logits, build_sampling_metadata(sampling, logits.shape[1], self.device))
-            self._emit(out, samples, sampling, result)
-        return out
+            self.phase = "sample"  # after the last collective: only the output rank works on
+            if logits is not None:
+                sampling = [states[i] for i in samples]
+                result = self.sampler(logits, build_sampling_metadata(sampling, logits.shape[1], self.device))
+                self._emit(out, samples, sampling, result)
+        return out if self.rank.is_output_rank else None
+
+    def _recv_intermediate(self, num_tokens: int):
+        from fleetlm.models.llama import IntermediateTensors
+
+        buf = recv_from_prev_stage((2, num_tokens, self.cfg.hidden_size), self.dtype, self.device)
+        return IntermediateTensors(buf[0], buf[1])
+
+    def _send_intermediate(self, it) -> None:
+        """Start sending (hidden, residual) to the next stage; sends finish in order, so only
+        the older ones are waited for."""
+        while len(self._pending_sends) > 4:
+            self._pending_sends.pop(0)[0].wait()
+        buf = torch.stack((it.hidden, it.residual))
+        self._pending_sends.append((send_to_next_stage(buf), buf))  # the buffer lives until sent
 
     def _inject_fault(self, states: list[CachedRequestState]) -> None:
         """Test hook (``FLEETLM_FAULT_TOKEN_ID``): a step holding a request whose prompt contains
@@ -118,8 +169,7 @@ class ModelRunner:
         lp_vals = r.logprobs.tolist() if r.logprobs is not None else None
         ranks = r.ranks.tolist() if r.ranks is not None else None
         for j, (i, s) in enumerate(zip(samples, states)):
-            s.output_token_ids.append(tokens[j])
-            out.sampled_token_ids[i] = [tokens[j]]
+            out.sampled_token_ids[i] = [tokens[j]]  # the state gets it back from the scheduler
             n = s.sampling_params.logprobs
             if n is not None and lp_ids is not None:
                 entry = {lp_ids[j][0]: Logprob(lp_vals[j][0], ranks[j])}
@@ -136,7 +186,10 @@ class ModelRunner:
             s.prompt_logprobs = [None]
         count = max(0, min(end, n_prompt - 1) - start)  # positions whose next token is a prompt token
         if count:
-            logprobs = self.model.compute_logits(hidden[:count]).log_softmax(-1)
+            logits = self.model.compute_logits(hidden[:count])
+            if logits is None:  # not the output rank: it only joined the gather
+                return None
+            logprobs = logits.log_softmax(-1)
             targets = torch.tensor(s.prompt_token_ids[start + 1 : start + 1 + count], device=self.device)
             tgt_lp = logprobs.gather(1, targets[:, None])
             ranks = ((logprobs > tgt_lp).sum(-1) + 1).tolist()

@@ -1,7 +1,8 @@
-"""A worker owns a device, the model weights on it, the KV cache and a ModelRunner.
+"""A worker owns a device, its rank's shard of the model, its KV cache and a ModelRunner.
 
-The executor calls its methods by name (``collective_rpc``), so a multi-process executor can
-mirror the same calls to one worker per tensor/pipeline-parallel rank.
+The executor calls its methods by name (``collective_rpc``); with tensor/pipeline parallelism
+there is one worker per rank, each in its own process, each loading its own shard from the model
+path, all receiving the same calls in the same order.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import torch
 
 from fleetlm.config import EngineArgs
 from fleetlm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from fleetlm.distributed.parallel_state import RankInfo, parallel_state
 from fleetlm.models.loader import LoadedModel
 from fleetlm.models.registry import get_model_class
 from fleetlm.plan import kv_cache_bytes_per_token, kv_cache_num_blocks
+from fleetlm.plan.memory import stage_layers
 from fleetlm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("fleetlm")
@@ -23,40 +26,54 @@ logger = logging.getLogger("fleetlm")
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
 
+def default_num_threads(ranks_on_this_host: int) -> int:
+    """CPU intra-op threads of one rank: this host's usable cores divided by its ranks (>= 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks_on_this_host))
+
+
 class Worker:
-    def __init__(self, args: EngineArgs, dtype: torch.dtype, max_model_len: int) -> None:
+    def __init__(self, args: EngineArgs, dtype: torch.dtype, max_model_len: int, *, local_ranks: int = 1) -> None:
         self.args = args
         self.dtype = dtype
         self.device = torch.device(args.resolved_device)
         self.max_model_len = max_model_len
         self.runner: ModelRunner | None = None
         if self.device.type == "cpu" or args.num_threads:
-            torch.set_num_threads(args.num_threads or len(os.sched_getaffinity(0)))
+            torch.set_num_threads(args.num_threads or default_num_threads(local_ranks))
         torch.manual_seed(args.seed)  # unseeded requests draw from the global generator
 
+    @property
+    def rank(self) -> RankInfo:
+        return parallel_state()
+
     def load_model(self, files: LoadedModel) -> None:
-        cls = get_model_class(files.config.architecture)
+        """Build this rank's part of the model and load its slice of every weight."""
+        cfg = files.config
+        st = self.rank
+        layers = stage_layers(cfg.num_layers, st.pp_size)[st.pp_rank] if st.pp_size > 1 else range(cfg.num_layers)
+        cls = get_model_class(cfg.architecture)
         with torch.device(self.device):  # params are torch.empty: filled by load_weights
-            model = cls(files.config, self.dtype, self.max_model_len)
+            model = cls(cfg, self.dtype, self.max_model_len, layers)
         model.load_weights(files.weights)
         model.eval()
-        if self.device.type == "cpu" and self.dtype != torch.float32 and hasattr(model, "use_fused_ops"):
-            from fleetlm.ops import cpu_ops
-
-            ops = cpu_ops()
-            if ops is not None:
-                model.use_fused_ops(ops)
         self.runner = ModelRunner(model, block_size=self.args.block_size, device=self.device,
                                   eos_token_ids=files.tokenizer.eos_token_ids,
                                   attention_backend=self.args.attention_backend)
 
+    def ready(self) -> int:
+        return self.rank.rank
+
     def kv_bytes_per_token(self) -> int:
-        c = self.runner.cfg
-        return kv_cache_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype.itemsize)
+        """This rank's KV bytes per token: its stage's layers, its KV heads."""
+        r = self.runner
+        return kv_cache_bytes_per_token(len(r.layer_ids), r.num_kv_heads, r.cfg.head_dim, self.dtype.itemsize)
+
+    def kv_cache_bytes(self) -> int:
+        return 0 if self.runner.kv_cache is None else self.runner.kv_cache.nbytes
 
     def determine_num_blocks(self) -> int:
-        """KV blocks that fit the budget: ``kv_cache_memory`` bytes on CPU, a fraction of free
-        memory (after weights, minus a workspace reserve) on CUDA."""
+        """KV blocks that fit this rank's budget: ``kv_cache_memory`` bytes on CPU, a fraction
+        of free memory (after weights, minus a workspace reserve) on CUDA."""
         if self.args.num_kv_blocks is not None:
             return self.args.num_kv_blocks
         if self.device.type == "cuda":
@@ -71,5 +88,8 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks, self.dtype)
 
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def attention_backend_name(self) -> str:
+        return self.runner.backend.name
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
         return self.runner.execute_model(so)

@@ -90,12 +90,31 @@ def test_prompt_logprobs_requests_skip_the_cache_and_caching_off_never_hits():
 def test_rollback_withdraws_blocks_of_a_failed_step():
     kv = KVCacheManager(num_blocks=8, block_size=4)
     a = _req("a", range(9))
+    kv.begin_step(0)
     kv.allocate_slots(a, 9)  # two full blocks inserted while scheduling
-    kv.rollback()  # ... and the step failed
+    kv.seal_step()
+    kv.rollback(0)  # ... and the step failed
     kv.free(a)
     assert kv.get_computed_blocks(_req("b", range(9)))[1] == 0
     c = _req("c", range(9))
+    kv.begin_step(1)
     kv.allocate_slots(c, 9)
-    kv.commit()
+    kv.seal_step()
+    kv.commit(1)
     kv.free(c)
     assert kv.get_computed_blocks(_req("d", range(9)))[1] == 8
+
+
+def test_blocks_of_a_step_in_flight_are_hit_only_by_that_step():
+    """Pipeline parallelism: step 1 may not read K/V that step 0 has not finished writing."""
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    kv.begin_step(0)
+    kv.allocate_slots(_req("a", range(9)), 9)
+    assert kv.get_computed_blocks(_req("same-step", range(9)))[1] == 8  # same step: written first
+    kv.seal_step()
+    kv.begin_step(1)
+    assert kv.get_computed_blocks(_req("next-step", range(9)))[1] == 0
+    kv.seal_step()
+    kv.commit(0)
+    kv.begin_step(2)
+    assert kv.get_computed_blocks(_req("after-commit", range(9)))[1] == 8

@@ -63,6 +63,7 @@ def test_fused_elementwise_ops_match_the_reference_layers(dtype):
     x = torch.randn(5, 96, generator=g).to(dtype)
     res = torch.randn(5, 96, generator=g).to(dtype)
     norm = RMSNorm(96, 1e-5, dtype)
+    norm.ops = None  # the reference formula
     norm.weight.data = torch.rand(96, generator=g).to(dtype) + 0.5
     expected_res = res + x
     expected = norm(expected_res.float()).to(dtype)
@@ -72,9 +73,10 @@ def test_fused_elementwise_ops_match_the_reference_layers(dtype):
     torch.testing.assert_close(h.float(), expected.float(), rtol=tol, atol=tol)
 
     rope = RotaryEmbedding(16, 64, 10000.0, None, dtype)
+    rope.ops = None  # the reference formula
     pos = torch.tensor([0, 3, 7, 63, 1])
     qkv = torch.randn(5, 7 * 16, generator=g).to(dtype)  # 5 rotated heads then 2 untouched
-    expected = rope.forward(rope.lookup(pos), qkv.view(5, 7, 16)[:, :5])
+    expected = rope(pos, qkv.clone(), 5)[:, :5]
     got = qkv.clone()
     kernel.rope_(got, 5, 16, rope.cos, rope.sin_signed, pos)
     torch.testing.assert_close(got.view(5, 7, 16)[:, :5].float(), expected.float(), rtol=tol, atol=tol)
@@ -91,12 +93,14 @@ def test_fused_model_path_matches_the_reference_path(tiny_model_dir):
 
     llm = LLM(str(tiny_model_dir), dtype="bfloat16", kv_cache_memory=16 << 20)
     model = llm.engine.core.executor.worker.runner.model
-    assert model.ops is not None  # bf16 on CPU uses the fused path
+    fused_layers = [m for m in model.modules() if getattr(m, "ops", None) is not None]
+    assert len(fused_layers) == 3 * 3 + 2  # bf16 on CPU: 2 norms + SiLU*mul per layer, rotary, final norm
     sp = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
     prompts = [{"prompt_token_ids": list(range(100, 140))}, {"prompt_token_ids": [5, 6, 7]}]
     fused = llm.generate(prompts, sp, use_tqdm=False)
     llm.engine.core.scheduler.kv.reset_prefix_cache()
-    model.use_fused_ops(None)
+    for m in fused_layers:  # the same layers on their reference formulas
+        m.ops = None
     plain = llm.generate(prompts, sp, use_tqdm=False)
     for a, b in zip(fused, plain):
         la, lb = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]

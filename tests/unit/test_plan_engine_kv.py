@@ -60,6 +60,7 @@ def test_engine_model_runner_allocates_planned_bytes(smollm2_gguf):
 
     model = torch.nn.Module()  # stands in for the Llama module: ModelRunner reads config + dtype
     model.config = cfg
+    model.layer_range = range(cfg.num_layers)
     model.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16), requires_grad=False)
     runner = runner_mod.ModelRunner(model, block_size=16, device=torch.device("cpu"),
                                     eos_token_ids=())

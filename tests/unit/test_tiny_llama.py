@@ -31,9 +31,15 @@ def tiny(request, tmp_path_factory):
     return path, _hf(path)
 
 
-def _layer_outputs(layers, run):
+def _layer_outputs(layers, run, ours=False):
+    """Each decoder layer's output hidden states. Ours return (block output, residual before
+    it): their sum is what a Hugging Face layer returns."""
     caught = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: caught.append(o[0] if isinstance(o, tuple) else o)) for layer in layers]
+
+    def hook(m, i, o):
+        caught.append(o[0] + o[1] if ours else (o[0] if isinstance(o, tuple) else o))
+
+    hooks = [layer.register_forward_hook(hook) for layer in layers]
     try:
         run()
     finally:
@@ -47,7 +53,7 @@ def test_layer_by_layer_matches_transformers(tiny):
     llm = LLM(str(path), dtype="float32", kv_cache_memory=16 << 20)
     ours_model = llm.engine.core.executor.worker.runner.model
     prompt = PROMPTS[1]
-    ours = _layer_outputs(ours_model.layers, lambda: llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False))
+    ours = _layer_outputs(ours_model.layers, lambda: llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False), ours=True)
     with torch.no_grad():
         ref = _layer_outputs(hf.model.layers, lambda: hf(torch.tensor([prompt])))
     assert len(ours) == len(ref) == hf.config.num_hidden_layers
@@ -55,7 +61,7 @@ def test_layer_by_layer_matches_transformers(tiny):
         torch.testing.assert_close(a, b[0], rtol=1e-4, atol=1e-4, msg=f"layer {i} differs")
     with torch.no_grad():
         ref_logits = hf(torch.tensor([prompt])).logits[0, -1]
-        ours_logits = ours_model.compute_logits(ours_model.norm(ours[-1][-1:]))[0]
+        ours_logits = ours_model.compute_logits(ours_model.model.norm(ours[-1][-1:]))[0]
     torch.testing.assert_close(ours_logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 

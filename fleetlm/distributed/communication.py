@@ -1,0 +1,58 @@
+"""The collectives the model and the runner use, as small functions over this rank's groups.
+
+Each is a no-op (or the identity) in a group of one, so a single process pays nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fleetlm.distributed.parallel_state import get_pp_group, get_tp_group, parallel_state
+
+
+def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the TP group (in place when it can; returns the result)."""
+    if parallel_state().tp_size == 1:
+        return x
+    if x.requires_grad:  # training: keep the autograd graph (sum's gradient is an all-reduce too)
+        import torch.distributed.nn.functional as dnn
+
+        return dnn.all_reduce(x, group=get_tp_group())
+    dist.all_reduce(x, group=get_tp_group())
+    return x
+
+
+def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate every TP rank's ``x`` along ``dim`` (rank order)."""
+    tp = parallel_state().tp_size
+    if tp == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp)]
+    dist.all_gather(parts, x.contiguous(), group=get_tp_group())
+    return torch.cat(parts, dim=dim)
+
+
+def tensor_model_parallel_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+    """Concatenation of every TP rank's ``x`` on TP rank 0 only (None elsewhere): the LM head's
+    logits are needed only where sampling happens."""
+    st = parallel_state()
+    if st.tp_size == 1:
+        return x
+    group = get_tp_group()
+    dst = dist.get_global_rank(group, 0)
+    parts = [torch.empty_like(x) for _ in range(st.tp_size)] if st.tp_rank == 0 else None
+    dist.gather(x.contiguous(), parts, dst=dst, group=group)
+    return torch.cat(parts, dim=dim) if parts is not None else None
+
+
+def send_to_next_stage(x: torch.Tensor) -> dist.Work:
+    """Start sending a stage's output hidden states to the next stage (same TP rank)."""
+    return dist.isend(x.contiguous(), dst=parallel_state().next_stage_rank, group=get_pp_group())
+
+
+def recv_from_prev_stage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Receive the previous stage's hidden states (blocks until they arrive)."""
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(buf, src=parallel_state().prev_stage_rank, group=get_pp_group())
+    return buf
