@@ -1,4 +1,4 @@
-"""``fleetlm`` command line: generate, chat, serve, bench throughput|serve, plan.
+"""``fleetlm`` command line: generate, chat, serve, bench throughput|serve, plan, profile, sim.
 
 Engine flags mirror ``LLM(...)`` keyword arguments (``--max-model-len`` -> ``max_model_len``).
 """
@@ -167,7 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_args(pl)
     pl.set_defaults(func=cmd_plan)
+    _add_sim_commands(sub)
     return p
+
+
+def _add_sim_commands(sub) -> None:
+    """``fleetlm profile`` and ``fleetlm sim`` (fleetlm/sim/cli.py, docs/SIM.md)."""
+    from fleetlm.sim import cli as sim_cli
+
+    pr = sub.add_parser("profile", help="measure this engine's step times (or derive them from the roofline)")
+    sim_cli.add_profile_arguments(pr)
+    pr.set_defaults(func=sim_cli.run_profile)
+    sm = sub.add_parser("sim", help="simulate a fleet of replicas on the engine's scheduler")
+    sim_cli.add_sim_arguments(sm)
+    sm.set_defaults(func=sim_cli.run_sim)
 
 
 def main(argv: list[str] | None = None) -> int:

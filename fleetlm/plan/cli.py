@@ -67,8 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--activation-checkpointing", choices=("on", "off"),
                    help="force activation checkpointing (default: planned)")
 
+    from fleetlm.plan.fleet_cli import add_fleet_arguments
+
+    add_fleet_arguments(parser)
+
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "fleet", False):
+        from fleetlm.plan.fleet_cli import run_fleet
+
+        return run_fleet(args)
     try:
         _check_flags(args)
         return _run(args)
