@@ -23,13 +23,15 @@ from fleetlm.plan.fleet_search import (
 from fleetlm.plan.prices import gpu_price
 
 OVERLOAD_FACTOR = 3  # stop a trial once a replica holds this many x max_num_seqs requests
+COOLDOWN = 0.25  # arrivals go on for this fraction of the measured window after it (not measured)
+PRUNE_MARGIN = 0.7  # the pruning bound assumes a replica could do 1 / 0.7 x its capacity estimate
 
 
 class _Evaluator:
     def __init__(self, model: str, workload: FleetWorkload, slos: tuple[Slo, ...], settings: SimSettings,
                  prices: dict[str, float]) -> None:
         self.model, self.w, self.slos, self.s, self.prices = model, workload, slos, settings, prices
-        self.arrivals = workload.arrivals(settings.warmup_s + settings.duration_s, settings.seed)
+        self.arrivals = workload.arrivals(settings.warmup_s + settings.duration_s * (1 + COOLDOWN), settings.seed)
         self._profiles: dict[tuple, Any] = {}
 
     def profile(self, c: Candidate):
@@ -55,8 +57,8 @@ class _Evaluator:
         prefill = replicas * c.pd[0] // c.unit if c.pd[0] else 0
         hw = get_hardware(c.hardware)
         cfg = FleetConfig(replicas, c.router, prefill, self.s.sample_replicas, hw.network_bw * c.tp, 1e-3,
-                          self.s.warmup_s, itl_limit=200_000, overload_load=OVERLOAD_FACTOR * c.max_num_seqs,
-                          seed=self.s.seed)
+                          self.s.warmup_s, self.s.warmup_s + self.s.duration_s, itl_limit=200_000,
+                          overload_load=OVERLOAD_FACTOR * c.max_num_seqs, seed=self.s.seed)
         res = simulate(prof, cfg, self.arrivals)
         pcts = tuple(sorted({50.0, 90.0, *(slo.percentile for slo in self.slos)}))
         m = res.remeasure(pcts, None)
@@ -83,8 +85,10 @@ def _min_replicas(ev: _Evaluator, o: Outcome, n0: int, limit: int) -> None:
     t = ev.trial(c, light)
     o.trials.append(t)
     if not t.meets:
-        where = "light load" if light >= n0 * LIGHT_LOAD else "as many as a cheaper fleet allows"
-        o.reason = f"misses the SLOs even at {light} replicas ({where}): {t.why}"
+        if light >= n0 * LIGHT_LOAD:
+            o.reason = f"misses the SLOs even at light load ({light} replicas): {t.why}"
+        else:
+            o.reason = f"cannot beat the best fleet: misses the SLOs at {light} replicas (the most that costs less): {t.why}"
         return
     lo, hi, best = 0, light, t
     probe = min(n0, hi - unit)
@@ -115,7 +119,10 @@ def search_fleet(model: str, workload: FleetWorkload, slos: tuple[Slo, ...], spa
     ev = _Evaluator(model, workload, slos, settings, prices or {})
     todo: list[tuple[float, int, Outcome]] = []
     outcomes = []
-    for c in candidates(load_model_spec(model), space):
+    cands = candidates(load_model_spec(model), space)
+    for hw in dict.fromkeys(c.hardware for c in cands):
+        gpu_price(hw, ev.prices)  # no price: bad input, before any simulation
+    for c in cands:
         o = Outcome(c)
         outcomes.append(o)
         try:
@@ -124,9 +131,11 @@ def search_fleet(model: str, workload: FleetWorkload, slos: tuple[Slo, ...], spa
         except PlanError as e:
             o.reason = str(e)
             continue
-        n0 = _round_up(workload.rate / replica_capacity(prof, workload.input_len, workload.output_len), c.unit)
-        o.bound_usd = n0 * price_each
-        if n0 > space.max_replicas:
+        need = workload.rate / replica_capacity(prof, workload.input_len, workload.output_len)
+        n0 = _round_up(need, c.unit)
+        o.start = n0
+        o.bound_usd = _round_up(need * PRUNE_MARGIN, c.unit) * price_each
+        if o.bound_usd > space.max_replicas * price_each:
             o.reason = f"needs at least {n0} replicas by its capacity bound (> --max-replicas {space.max_replicas})"
             continue
         todo.append((o.bound_usd, len(todo), o))
@@ -138,10 +147,7 @@ def search_fleet(model: str, workload: FleetWorkload, slos: tuple[Slo, ...], spa
         per = ev.cost(o.candidate, 1)
         limit = min(space.max_replicas, math.floor(best_usd / per - 1e-9) if math.isfinite(best_usd) else space.max_replicas)
         limit -= limit % o.candidate.unit
-        n0 = round(bound / per)
-        if limit < n0:
-            o.reason = f"pruned: {n0} replicas already cost ${bound:,.0f}/h"
-            continue
+        n0 = min(o.start, limit)
         _min_replicas(ev, o, n0, limit)
         if o.best is not None:
             best_usd = min(best_usd, o.best.usd_per_hour)

@@ -140,7 +140,8 @@ class Outcome:
     reason: str = ""
     best: Trial | None = None
     trials: list[Trial] = field(default_factory=list)
-    bound_usd: float = math.inf
+    bound_usd: float = math.inf  # optimistic: no fleet of this candidate costs less
+    start: int = 1  # replicas by the capacity estimate, where the search starts
 
 
 @dataclass

@@ -141,8 +141,10 @@ def run_sim(args: argparse.Namespace) -> int:
     slos = parse_goodput(args.goodput)
     prof = profile_from_args(args)
     arrivals = workload_from_args(args)
-    cfg = FleetConfig(args.replicas, args.router, args.prefill_replicas, args.sample_replicas, args.kv_bandwidth,
-                      args.kv_latency_ms / 1e3, args.warmup, args.timeline_interval, seed=args.seed)
+    cfg = FleetConfig(replicas=args.replicas, router=args.router, prefill_replicas=args.prefill_replicas,
+                      sample_replicas=args.sample_replicas, kv_bandwidth=args.kv_bandwidth,
+                      kv_latency_s=args.kv_latency_ms / 1e3, warmup_s=args.warmup,
+                      timeline_interval_s=args.timeline_interval, seed=args.seed)
     res = simulate(prof, cfg, arrivals)
     metrics = res.remeasure(tuple(percentiles), slos)
     rate = args.users / args.think_time if args.users else args.request_rate

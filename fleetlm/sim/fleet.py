@@ -1,9 +1,10 @@
 """The discrete-event fleet simulator: arrivals -> router -> replicas (-> KV transfer -> decode).
 
 Events, in time order: an arrival (routed at once to a replica of the front pool), the end of
-a replica's step, a KV transfer landing on a decode replica (P/D), a timeline tick. At equal
-times arrivals come first, as the engine core drains its inputs before each step. A replica
-with work starts its next step the moment the previous one ends.
+a replica's step, a KV transfer landing on a decode replica (P/D), the start of an idle
+replica's step, a timeline tick. At equal times arrivals come first, as the engine core drains
+all its pending inputs before each step: an idle replica starts a step only after every
+arrival of that instant. A busy replica starts its next step the moment the previous one ends.
 
 P/D: a request runs on a prefill replica with ``max_tokens = 1`` (its first token), then its
 prompt K/V moves to a decode replica in ``kv_latency_s + prompt_tokens * kv_bytes_per_token /
@@ -27,7 +28,7 @@ from fleetlm.sim.router import Router
 from fleetlm.sim.sampling import sub_fleet, thin
 from fleetlm.sim.workload import Arrivals, PromptFactory
 
-_STEP, _KV, _TICK = 0, 1, 2
+_STEP, _KV, _TICK, _START = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class FleetConfig:
     kv_bandwidth: float = 50e9  # bytes/s between a prefill and a decode replica
     kv_latency_s: float = 1e-3
     warmup_s: float = 0.0  # requests arriving earlier are simulated, not measured
+    measure_end_s: float | None = None  # nor those arriving at or after this (a cool-down keeps the load on)
     timeline_interval_s: float = 1.0
     itl_limit: int = 2_000_000  # ITL gaps kept (from a 1-in-k subset of requests above this)
     overload_load: int | None = None  # stop when a replica holds more unfinished requests
@@ -65,7 +67,7 @@ class FleetSim:
         self.prompts = PromptFactory(SAMPLED_TOKEN)
         self._params: dict[int, SamplingParams] = {}
         self._pending_prompts: dict[int, list[int]] = {}
-        self.rec = Recorder(self.arr, cfg.warmup_s, profile.frontend_s, cfg.itl_limit)
+        self.rec = Recorder(self.arr, cfg.warmup_s, profile.frontend_s, cfg.itl_limit, cfg.measure_end_s)
         pools = {"prefill": self.front, "decode": self.back} if pd else {"all": self.front}
         self.timeline = Timeline(pools, cfg.timeline_interval_s, self.sf)
         self._heap: list = []
@@ -101,8 +103,9 @@ class FleetSim:
             return
         if self.cfg.overload_load is not None and rep.load() > self.cfg.overload_load:
             self.overloaded = True
-        if rep.step_end is None:
-            self._start(rep, t)
+        if rep.step_end is None and not rep.start_pending:
+            rep.start_pending = True
+            self._push(t, _START, rep)
 
     def _start(self, rep: Replica, t: float) -> None:
         dt = rep.start_step(t)
@@ -159,6 +162,11 @@ class FleetSim:
                 elif kind == _KV:
                     self._live -= 1
                     self._kv_arrive(payload[0], payload[1], t)
+                elif kind == _START:
+                    self._live -= 1
+                    payload.start_pending = False
+                    if payload.step_end is None and payload.has_work:
+                        self._start(payload, t)
                 else:
                     self.timeline.tick(t, self.rec.arrived, self.rec.completed)
                     if i < n or self._live:

@@ -32,6 +32,7 @@ class Replica:
         self.requests: dict[str, Request] = {}
         self.transferred: set[str] = set()  # P/D: prompt K/V arrived, prompt not yet scheduled
         self.step_end: float | None = None
+        self.start_pending = False  # an idle replica's step start is queued for this instant
         self._so: SchedulerOutput | None = None
         self._out: ModelRunnerOutput | None = None
         self.busy_s = 0.0

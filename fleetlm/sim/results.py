@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 
 
 class Recorder:
-    def __init__(self, arr: Arrivals, warmup_s: float, frontend_s: float, itl_limit: int) -> None:
+    def __init__(self, arr: Arrivals, warmup_s: float, frontend_s: float, itl_limit: int,
+                 measure_end_s: float | None = None) -> None:
         n = len(arr)
         self.arr, self.warmup_s, self.frontend_s = arr, warmup_s, frontend_s
+        self.measure_end_s = math.inf if measure_end_s is None else measure_end_s
         self.first = [-1.0] * n
         self.last = [-1.0] * n
         self.ntok = [0] * n
@@ -63,7 +65,7 @@ class Recorder:
         fe, out = self.frontend_s, []
         t0, t_end = math.inf, -math.inf
         for i, ta in enumerate(t):
-            if ta < self.warmup_s:
+            if ta < self.warmup_s or ta >= self.measure_end_s:
                 continue
             t0 = min(t0, ta)
             r = RequestResult(prompt_len=self.prompt_len[i], start_time=1.0 + ta)

@@ -54,7 +54,7 @@ def roofline_profile(model: str, hardware: str, *, tp: int = 1, pp: int = 1, dty
     m, hw = load_model_spec(model), get_hardware(hardware)
     validate(m, tp * pp, Forced(tp=tp, pp=pp))
     fmt = resolve_format(m, dtype)
-    lay = Layout(tp=tp, pp=pp)
+    lay = Layout(tp=tp, pp=pp, ep=min(tp, m.num_experts) if m.is_moe else 1)  # experts split over the TP GPUs
     w = Workload(context=max_model_len, concurrency=1, output_len=1, kv_dtype=kv_dtype,
                  block_size=block_size, max_batched_tokens=max_num_batched_tokens,
                  memory_utilization=memory_utilization)
@@ -102,15 +102,19 @@ def roofline_step_model(mc, max_tokens: int, mfu: float, mbu: float, overhead_s:
 
 
 def replica_capacity(profile: Profile, input_len: int, output_len: int) -> float:
-    """Requests/s one replica could serve at best: a full batch of decodes (``max_num_seqs``, or
-    what the KV cache holds) plus each request's prefill, back to back. An optimistic bound
-    used to start the fleet search, not a prediction."""
+    """Requests/s one replica could serve at best: steady full steps of ``B`` decodes (the batch
+    limit, or what the KV cache holds) that also prefill the ``B / output_len`` prompts admitted
+    per step (within the token budget). An optimistic bound used to start the fleet search,
+    not a prediction."""
     from fleetlm.sim.step_model import StepShape, chunk_pairs
 
     e = profile.engine
     per_seq_blocks = math.ceil((input_len + output_len) / e.block_size)
     batch = max(1, min(e.max_num_seqs, e.num_blocks // per_seq_blocks))
+    batch = max(1, min(batch, int(e.max_num_batched_tokens / (1 + input_len / output_len))))
+    admitted = batch / output_len
     ctx = input_len + output_len // 2
-    t_dec = profile.step_time(StepShape(batch, batch, batch * ctx, 0, batch * ctx, batch))
-    t_pre = profile.step_time(StepShape(input_len, 1, 0, chunk_pairs(0, input_len), 2 * input_len, 1))
-    return batch / (output_len * t_dec + batch * t_pre)
+    prefill = admitted * input_len
+    shape = StepShape(round(batch + prefill), batch, batch * ctx, round(admitted * chunk_pairs(0, input_len)),
+                      round(batch * ctx + 2 * prefill), batch)
+    return admitted / profile.step_time(shape)
