@@ -30,6 +30,7 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--sample-replicas", type=int, default=2, help="replicas simulated per trial")
     f.add_argument("--fleet-seed", type=int, default=0)
     f.add_argument("--top", type=int, default=8, help="candidates to print")
+    f.add_argument("--save-result", metavar="OUT.json", help="also write the JSON report (every trial) here")
 
 
 def _list(text: str, flag: str, conv=str) -> tuple:
@@ -108,6 +109,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(plan_json(plan), indent=2))
     else:
         print(render_fleet(plan, args.top))
+    if args.save_result:
+        with open(args.save_result, "w") as f:
+            json.dump(plan_json(plan) | {"report": render_fleet(plan, len(plan.outcomes))}, f, indent=1)
     return 0 if plan.best else 1
 
 
