@@ -237,6 +237,9 @@ class AsyncLLM:
                 msg = self._dec.decode(await self._out.recv())
                 if isinstance(msg, CoreOutputs):
                     self._handle(msg)
+                elif isinstance(msg, Failed):  # the core is going down (e.g. a worker rank died)
+                    self._mark_dead(f"the engine core failed: {msg.error}")
+                    return
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug here must not leave clients hanging

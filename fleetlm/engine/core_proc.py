@@ -23,6 +23,7 @@ import msgspec
 
 from fleetlm.config import EngineArgs
 from fleetlm.core.sched_output import EngineCoreOutput
+from fleetlm.executor.base import EngineDeadError
 from fleetlm.metrics.stats import SchedulerStats
 from fleetlm.request import Request
 from fleetlm.sampling_params import SamplingParams
@@ -104,6 +105,10 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str, parent_
                               os.getpid())))
     try:
         EngineCoreLoop(core, inp, out, parent_pid).run()
+    except EngineDeadError as e:  # a worker rank died: say why, then exit (the front end sees it)
+        logger.error("engine core exiting: %s", e)
+        out.send(enc.encode(Failed(f"EngineDeadError: {e}")))
+        sys.exit(1)
     finally:
         core.shutdown()
         out.close(linger=1000)
