@@ -12,15 +12,46 @@ from fleetlm.distributed.parallel_state import get_pp_group, get_tp_group, paral
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over the TP group (in place when it can; returns the result)."""
+    """Sum ``x`` over the TP group (in place when it can; returns the result). Under autograd
+    its gradient passes through unchanged: every rank computes the same loss from the sum."""
     if parallel_state().tp_size == 1:
         return x
-    if x.requires_grad:  # training: keep the autograd graph (sum's gradient is an all-reduce too)
-        import torch.distributed.nn.functional as dnn
-
-        return dnn.all_reduce(x, group=get_tp_group())
+    if x.requires_grad and torch.is_grad_enabled():
+        return _ReduceFromTP.apply(x)
     dist.all_reduce(x, group=get_tp_group())
     return x
+
+
+def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Identity forward; under autograd, the input's gradient is summed over the TP group (each
+    rank's column shard contributes a part of it)."""
+    if parallel_state().tp_size == 1 or not (x.requires_grad and torch.is_grad_enabled()):
+        return x
+    return _CopyToTP.apply(x)
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, group=get_tp_group())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=get_tp_group())
+        return grad
 
 
 def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

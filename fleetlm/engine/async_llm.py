@@ -120,8 +120,10 @@ class AsyncLLM:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         if self._proc is not None and self._proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self._send(Shutdown())
+            import zmq
+
+            with contextlib.suppress(Exception):  # never block: the core may be exiting right now
+                self._in.send(self._enc.encode(Shutdown()), flags=zmq.NOBLOCK)
             try:
                 await asyncio.to_thread(self._proc.wait, 10)
             except subprocess.TimeoutExpired:

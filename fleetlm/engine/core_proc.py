@@ -155,6 +155,7 @@ class EngineCoreLoop:
                     return got
                 if timeout == 0:
                     return got
+                self.core.executor.check_health()  # idle: a dead worker rank is found within a poll
                 continue
             self._handle(self.dec.decode(self.inp.recv()))
             got = True

@@ -6,6 +6,7 @@ Engine flags mirror ``LLM(...)`` keyword arguments (``--max-model-len`` -> ``max
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fleetlm.models.hub import DEFAULT_MODEL
@@ -24,12 +25,35 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--num-threads", type=int, help="CPU intra-op threads (default: all usable cores)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch_paged", "cpu_native"])
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks splitting every layer")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="stages splitting the layers")
+    g.add_argument("--distributed-executor-backend", default="auto", choices=["auto", "uniproc", "multiproc"],
+                   help="multiproc: one process per rank (auto when tp x pp > 1); under torchrun, its ranks")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ("dtype", "device", "max_model_len", "block_size", "kv_cache_memory", "gpu_memory_utilization",
-            "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads", "attention_backend")
+            "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads", "attention_backend",
+            "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")
     return {k: getattr(args, k) for k in keys}
+
+
+def run_as_torchrun_worker(args: argparse.Namespace) -> int | None:
+    """Under ``torchrun`` every rank runs the same command; ranks other than 0 become model
+    workers of rank 0's engine (which runs the command itself). Returns None on rank 0."""
+    from fleetlm.executor.multiproc import launched_by_torchrun
+
+    if not launched_by_torchrun() or int(os.environ["RANK"]) == 0:
+        return None
+    from fleetlm.config import EngineArgs
+    from fleetlm.executor.worker_proc import run_worker
+
+    engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs(args))
+    if int(os.environ.get("WORLD_SIZE", 1)) != engine_args.world_size:
+        raise ValueError(f"torchrun started {os.environ.get('WORLD_SIZE')} ranks but tensor_parallel_size x "
+                         f"pipeline_parallel_size = {engine_args.world_size}")
+    run_worker(engine_args, int(os.environ["RANK"]), None, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return 0
 
 
 def _bytes(text: str) -> int:
@@ -64,11 +88,13 @@ def sampling_params(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from fleetlm import LLM
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    if (rc := run_as_torchrun_worker(args)) is not None:
+        return rc
     prompts = args.prompt or [sys.stdin.read()]
-    for out in llm.generate(prompts, sampling_params(args), use_tqdm=len(prompts) > 1):
-        text = out.outputs[0].text
-        print(text if len(prompts) == 1 else f"[{out.request_id}] {out.prompt!r} -> {text!r}")
+    with LLM(args.model, **engine_kwargs(args)) as llm:
+        for out in llm.generate(prompts, sampling_params(args), use_tqdm=len(prompts) > 1):
+            text = out.outputs[0].text
+            print(text if len(prompts) == 1 else f"[{out.request_id}] {out.prompt!r} -> {text!r}", flush=True)
     return 0
 
 
@@ -103,6 +129,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from fleetlm.entrypoints.serve_cli import run
 
+    if (rc := run_as_torchrun_worker(args)) is not None:
+        return rc
     return run(args, engine_kwargs(args))
 
 

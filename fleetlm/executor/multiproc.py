@@ -19,6 +19,7 @@ collective that fails is ``EngineDeadError``, and every worker is killed.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -39,7 +40,12 @@ import torch.distributed as dist
 
 from fleetlm.config import EngineArgs
 from fleetlm.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from fleetlm.distributed.parallel_state import ParallelConfig, RankInfo, get_cpu_group, init_distributed
+from fleetlm.distributed.parallel_state import (
+    ParallelConfig,
+    RankInfo,
+    get_cpu_group,
+    init_distributed,
+)
 from fleetlm.executor.base import EngineDeadError, Executor, StepError, StepHandle
 from fleetlm.models.loader import LoadedModel
 from fleetlm.worker.worker import Worker
@@ -74,6 +80,7 @@ class MultiprocExecutor(Executor):
         import zmq
 
         self.args = args
+        self.ctx = None
         self.pcfg = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size)
         self.world = self.pcfg.world_size
         self.max_concurrent_batches = self.pcfg.pipeline_parallel_size
@@ -99,6 +106,7 @@ class MultiprocExecutor(Executor):
         self._inflight: deque[int] = deque()
         self.dead: str | None = None
         self.collective_rpc("ready")
+        atexit.register(self.shutdown)  # workers and sockets never outlive the driver
 
     def _local_ranks(self) -> int:
         return int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) if self.external else self.world
@@ -219,7 +227,9 @@ class MultiprocExecutor(Executor):
                 pass
 
     def shutdown(self) -> None:
-        if self.dead is None and self.procs:
+        if self.ctx is None:
+            return
+        if self.dead is None and self.senders:
             try:
                 self._call_remote("shutdown")
                 deadline = time.monotonic() + 5
@@ -228,8 +238,8 @@ class MultiprocExecutor(Executor):
             except Exception:  # noqa: BLE001 - shutting down: kill what is left
                 pass
         self._kill()
-        for s in self.senders:
-            s.close(linger=0)
+        for s in self.senders:  # linger: a worker started elsewhere (torchrun) must get "shutdown"
+            s.close(linger=0 if self.dead else 2000)
         self.replies.close(linger=0)
         self.ctx.term()
         if self.reply_addr.startswith("ipc://"):
@@ -237,10 +247,13 @@ class MultiprocExecutor(Executor):
                 os.unlink(self.reply_addr.removeprefix("ipc://"))
             except OSError:
                 pass
+        self.ctx = None
         from fleetlm.distributed.parallel_state import destroy_distributed
 
-        if self.dead is None:
+        try:
             destroy_distributed()
+        except Exception as e:  # noqa: BLE001 - a dead peer may make teardown fail
+            logger.warning("process group teardown: %s", e)
 
 
 class _MultiprocStep(StepHandle):

@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleetlm.distributed.communication import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+from fleetlm.distributed.communication import (
+    copy_to_tensor_model_parallel_region,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
 from fleetlm.distributed.parallel_state import parallel_state
 
 
@@ -92,7 +96,7 @@ class ColumnParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False, dtype: torch.dtype,
                  gather_output: bool = False, linear_method: LinearMethod | None = None) -> None:
         tp = parallel_state().tp_size
-        _check_divides(f"the output size of a column-parallel linear layer", output_size, tp)
+        _check_divides("the output size of a column-parallel linear layer", output_size, tp)
         super().__init__(input_size, output_size, bias=bias, dtype=dtype, in_per_rank=input_size,
                          out_per_rank=output_size // tp, linear_method=linear_method)
         self.gather_output = gather_output
@@ -102,7 +106,7 @@ class ColumnParallelLinear(LinearBase):
         _copy(param.data, loaded.narrow(0, self.tp_rank * rows, rows), self._name(param))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear_method.apply(self, x, self.bias)
+        y = self.linear_method.apply(self, copy_to_tensor_model_parallel_region(x), self.bias)
         return tensor_model_parallel_all_gather(y) if self.gather_output else y
 
 

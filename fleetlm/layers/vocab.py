@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleetlm.distributed.communication import tensor_model_parallel_all_reduce, tensor_model_parallel_gather
+from fleetlm.distributed.communication import (
+    tensor_model_parallel_all_reduce,
+    tensor_model_parallel_gather,
+)
 from fleetlm.distributed.parallel_state import parallel_state
 
 

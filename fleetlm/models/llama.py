@@ -150,8 +150,13 @@ class LlamaForCausalLM(nn.Module):
         """The layers this pipeline stage runs."""
         return self.model.layer_range
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None = None,
                 intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """Final hidden states (or this stage's ``IntermediateTensors``). ``positions`` default to
+        ``0 .. T-1`` along the last axis (plain, unpaged use)."""
+        if positions is None:
+            t = (input_ids if input_ids is not None else intermediate.hidden[..., 0]).shape[-1]
+            positions = torch.arange(t, device=next(self.parameters()).device)
         return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

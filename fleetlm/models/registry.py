@@ -28,3 +28,16 @@ def get_model_class(architecture: str) -> type:
         )
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def build_model(files, dtype, max_positions: int, layers: range | None = None, device=None):
+    """Build the model class for ``files.config`` on ``device`` and load this rank's slice of
+    ``files.weights`` (the engine's workers and training both start here)."""
+    import torch
+
+    cfg = files.config
+    cls = get_model_class(cfg.architecture)
+    with torch.device(device or "cpu"):  # params are torch.empty: filled by load_weights
+        model = cls(cfg, dtype, max_positions, layers)
+    model.load_weights(files.weights)
+    return model

@@ -16,7 +16,7 @@ from fleetlm.config import EngineArgs
 from fleetlm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from fleetlm.distributed.parallel_state import RankInfo, parallel_state
 from fleetlm.models.loader import LoadedModel
-from fleetlm.models.registry import get_model_class
+from fleetlm.models.registry import build_model
 from fleetlm.plan import kv_cache_bytes_per_token, kv_cache_num_blocks
 from fleetlm.plan.memory import stage_layers
 from fleetlm.worker.model_runner import ModelRunner
@@ -51,10 +51,7 @@ class Worker:
         cfg = files.config
         st = self.rank
         layers = stage_layers(cfg.num_layers, st.pp_size)[st.pp_rank] if st.pp_size > 1 else range(cfg.num_layers)
-        cls = get_model_class(cfg.architecture)
-        with torch.device(self.device):  # params are torch.empty: filled by load_weights
-            model = cls(cfg, self.dtype, self.max_model_len, layers)
-        model.load_weights(files.weights)
+        model = build_model(files, self.dtype, self.max_model_len, layers, self.device)
         model.eval()
         self.runner = ModelRunner(model, block_size=self.args.block_size, device=self.device,
                                   eos_token_ids=files.tokenizer.eos_token_ids,

@@ -118,3 +118,22 @@ def test_blocks_of_a_step_in_flight_are_hit_only_by_that_step():
     kv.commit(0)
     kv.begin_step(2)
     assert kv.get_computed_blocks(_req("after-commit", range(9)))[1] == 8
+
+
+def test_block_hashes_are_equal_across_processes():
+    """Two interpreters with different hash seeds give the same chain of block digests."""
+    import subprocess
+    import sys
+
+    code = ("from fleetlm.core.block_pool import hash_block\n"
+            "h = None\n"
+            "for i in range(3):\n"
+            "    h = hash_block(h, list(range(16 * i, 16 * i + 16)), ('salt', 7))\n"
+            "print(h.hex())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin"}).stdout.strip()
+               for seed in ("1", "2")}
+    assert len(digests) == 1 and len(digests.pop()) == 64
+    from fleetlm.core.block_pool import hash_block
+
+    assert hash_block(None, [1, 2]) != hash_block(None, [1, 2], ("tenant-a",)) != hash_block(None, [2, 1])
