@@ -136,6 +136,11 @@ def run_sim(args: argparse.Namespace) -> int:
     )
     from fleetlm.sim import FleetConfig, simulate
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install matplotlib (or pip install 'fleetlm[plot]')") from None
     percentiles = parse_percentiles(args.metric_percentiles)
     shown = parse_metric_names(args.percentile_metrics)
     slos = parse_goodput(args.goodput)

@@ -37,12 +37,12 @@ def test_empty_space_is_an_error():
 
 
 def test_search_100k_users_small_space():
-    """100,000 users sending a request every 33.3 s on average = 3,000 req/s of 512/256-token
+    """100,000 users sending a request every 33.3 s on average = 3,000 req/s of 512/128-token
     chats on Llama-3.1-8B; H100, TP 1 or 2, least-load routing."""
     slos = parse_slos(["ttft:1000", "tpot:50"])
-    w = FleetWorkload(100_000 / 33.3, 512, 256)
+    w = FleetWorkload(100_000 / 33.3, 512, 128)
     space = SearchSpace(("h100-sxm",), (1, 2), ("least_load",), ((0, 0),), (256,))
-    plan = search_fleet("llama-3.1-8b", w, slos, space, SimSettings(duration_s=4, warmup_s=2, sample_replicas=1))
+    plan = search_fleet("llama-3.1-8b", w, slos, space, SimSettings(duration_s=3, warmup_s=2, sample_replicas=1))
     best = plan.best
     assert best is not None and best.candidate.tp == 1
     t = best.best

@@ -129,3 +129,25 @@ def test_timeline_counts_utilisation_and_queue():
     assert rows[0]["all_utilisation"] == pytest.approx(1.0)
     assert rows[0]["all_running"] == 1 and rows[0]["all_waiting"] == 1
     assert rows[-1]["t_s"] >= 0.75
+
+
+def test_prefix_router_keeps_a_group_on_one_replica():
+    # Four requests of one 64-token group, one after another on an idle 2-replica fleet: the
+    # prefix router sends all to the replica that has the prefix (3 hits of 64 tokens); least
+    # load alternates (the second replica must compute the prefix once: 2 hits).
+    reqs = [(0.1 * k, 80, 2) for k in range(4)]
+    kw = dict(group=[0] * 4, prefix_len=[64] * 4)
+    pre = run(arrivals(*reqs, **kw), replicas=2, router="prefix")
+    ll = run(arrivals(*reqs, **kw), replicas=2, router="least_load")
+    assert pre.scheduler["prefix_hits"] == 3 * 64
+    assert ll.scheduler["prefix_hits"] == 2 * 64
+
+
+def test_prefix_router_spills_over_when_its_replica_is_loaded():
+    from fleetlm.sim.router import BALANCE_ABS, Router
+
+    r = Router("prefix", 2)
+    assert r.pick(7, [0, 0]) == 0
+    assert r.pick(7, [BALANCE_ABS, 0]) == 0  # within the slack: stays for the cache
+    assert r.pick(7, [BALANCE_ABS + 1, 0]) == 1  # overloaded: least load, and remembered
+    assert r.pick(7, [0, 0]) == 1
