@@ -79,3 +79,24 @@ def test_bf16_answers_capital_of_france():
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
     assert "Paris" in out[0].outputs[0].text
+
+
+@pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2)], ids=["tp3", "pp2"])
+def test_parallel_layouts_match_transformers_and_the_planner(tp, pp, prompt_ids, reference):
+    """TP=3 (9 Q / 3 KV heads: one KV head per rank) and PP=2 (15 + 15 layers), one process per
+    rank on gloo: the same 20 answers as transformers; each rank's KV cache is exactly what
+    ``fleetlm plan`` says one GPU of that layout holds."""
+    from fleetlm.models.hub import resolve_model
+    from fleetlm.plan.memory import kv_bytes_per_token, kv_gpu_share
+    from fleetlm.plan.model_load import spec_from_gguf
+    from fleetlm.plan.workload import Layout
+
+    with LLM(dtype="float32", kv_cache_memory=64 << 20, tensor_parallel_size=tp, pipeline_parallel_size=pp) as llm:
+        assert _generate(llm, prompt_ids) == reference
+        ex, cache = llm.engine.core.executor, llm.engine.core.cache_config
+        spec = spec_from_gguf(resolve_model("smollm2-135m-instruct"))
+        planned = kv_bytes_per_token(spec, "fp32") * kv_gpu_share(spec, Layout(tp=tp, pp=pp))
+        assert ex.collective_rpc("kv_bytes_per_token") == [planned] * (tp * pp)
+        assert ex.collective_rpc("kv_cache_bytes") == [planned * cache.max_tokens] * (tp * pp)
+        sched = llm.engine.core.scheduler
+        assert sched.kv.num_free_blocks == cache.num_blocks

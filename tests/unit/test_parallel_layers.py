@@ -109,7 +109,11 @@ def _row_grad(rank: int, g: torch.Generator) -> None:
 
 
 def _run(rank: int, port: int) -> None:
-    from fleetlm.distributed.parallel_state import ParallelConfig, destroy_distributed, init_distributed
+    from fleetlm.distributed.parallel_state import (
+        ParallelConfig,
+        destroy_distributed,
+        init_distributed,
+    )
 
     torch.set_num_threads(1)
     init_distributed(ParallelConfig(TP, 1), rank, torch.device("cpu"), init_method=f"tcp://127.0.0.1:{port}")
