@@ -103,13 +103,13 @@ class FleetSim:
             return
         if self.cfg.overload_load is not None and rep.load() > self.cfg.overload_load:
             self.overloaded = True
-        if rep.step_end is None and not rep.start_pending:
+        if rep.idle and not rep.start_pending:
             rep.start_pending = True
             self._push(t, _START, rep)
 
     def _start(self, rep: Replica, t: float) -> None:
-        dt = rep.start_step(t)
-        self._push(t + dt, _STEP, rep)
+        for end in rep.fill(t):
+            self._push(end, _STEP, rep)
 
     def _arrive(self, i: int, t: float) -> None:
         a = self.arr
@@ -126,7 +126,7 @@ class FleetSim:
 
     def _step_end(self, rep: Replica, t: float) -> None:
         rec, to_decode = self.rec, rep.pool == "prefill"
-        for o in rep.finish_step():
+        for o in rep.finish_step(t):
             i = int(o.request_id)
             rec.token(i, t)
             if o.finish_reason is not None:
@@ -165,7 +165,7 @@ class FleetSim:
                 elif kind == _START:
                     self._live -= 1
                     payload.start_pending = False
-                    if payload.step_end is None and payload.has_work:
+                    if payload.idle and payload.has_work:
                         self._start(payload, t)
                 else:
                     self.timeline.tick(t, self.rec.arrived, self.rec.completed)

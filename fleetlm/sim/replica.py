@@ -1,18 +1,24 @@
 """One simulated replica: the engine's own ``Scheduler`` on simulated time.
 
 A replica does what ``EngineCore.step`` does, with a fake executor: ``schedule()``, then the
-step takes ``profile.step_time(shape)`` seconds, then ``update_from_output`` with one token for
-every request whose scheduled tokens reach its end (an empty list for a partial prefill
-chunk). Requests that arrive while a step runs wait for the next ``schedule()``, as they do in
-the engine core's loop, which drains its inputs between steps.
+step takes ``profile.step_time(shape)`` seconds, then ``kv.commit`` and ``update_from_output``
+with one token for every request whose scheduled tokens reach its end (an empty list for a
+partial prefill chunk). Requests that arrive while a step runs wait for the next
+``schedule()``: the engine core's loop drains its inputs only between steps.
 
-Invariant: ``step_end`` is set iff a step is in flight; a replica with unfinished requests and
-no step in flight is started by the caller at once (it never idles with work).
+Pipeline parallelism (``profile.pp > 1``), as the engine core runs it: after each finished step
+it fills the pipeline with up to ``pp`` steps, each holding only requests not already in flight
+(``Scheduler.has_schedulable``), then waits for the oldest. A step of ``T`` seconds (all stages)
+enters stage 0 when that stage is free and leaves it ``T / pp`` later; steps finish in order.
+
+Invariant: ``in_flight`` lists the steps submitted and not finished, oldest first; a replica
+with work and nothing in flight is started by the caller at once (it never idles with work).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import deque
 
 from fleetlm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from fleetlm.core.scheduler import Scheduler
@@ -31,12 +37,14 @@ class Replica:
         self.scheduler = Scheduler(*profile.engine.configs())
         self.requests: dict[str, Request] = {}
         self.transferred: set[str] = set()  # P/D: prompt K/V arrived, prompt not yet scheduled
-        self.step_end: float | None = None
+        self.in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
         self.start_pending = False  # an idle replica's step start is queued for this instant
-        self._so: SchedulerOutput | None = None
-        self._out: ModelRunnerOutput | None = None
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # closed busy periods (some step in flight)
+        self._busy_since = 0.0
+        self._stage_free = 0.0
+        self._last_end = 0.0
         self.num_steps = 0
+        self.pp = max(1, profile.pp) if hasattr(self.scheduler, "has_schedulable") else 1
         self._commit = getattr(getattr(self.scheduler, "kv", None), "commit", None)
         self._commit_by_step = self._commit is not None and bool(inspect.signature(self._commit).parameters)
 
@@ -51,32 +59,55 @@ class Replica:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def start_step(self, now: float) -> float:
-        """Schedule one step at ``now``; returns its duration."""
-        so = self.scheduler.schedule()
-        if so.total_num_scheduled_tokens == 0:
-            raise RuntimeError(f"replica {self.index}: the scheduler holds requests but scheduled "
-                               "nothing (no KV room for the head of the queue and nothing running)")
+    @property
+    def idle(self) -> bool:
+        return not self.in_flight
+
+    def busy_time(self, t: float) -> float:
+        """Seconds with some step in flight, up to ``t``."""
+        return self.busy_s + (t - self._busy_since if self.in_flight else 0.0)
+
+    def fill(self, now: float) -> list[float]:
+        """Submit steps at ``now`` until the pipeline is full or nothing more is schedulable;
+        returns their end times (increasing)."""
+        ends = []
+        while len(self.in_flight) < self.pp:
+            if self.in_flight and not self.scheduler.has_schedulable():
+                break
+            so = self.scheduler.schedule()
+            if so.total_num_scheduled_tokens == 0:
+                if self.in_flight:
+                    break
+                raise RuntimeError(f"replica {self.index}: the scheduler holds requests but scheduled "
+                                   "nothing (no KV room for the head of the queue and nothing running)")
+            ends.append(self._submit(so, now))
+        return ends
+
+    def _submit(self, so: SchedulerOutput, now: float) -> float:
         shape, samples = shape_of(so.num_scheduled_tokens, self.requests, self.transferred)
         ids = list(so.num_scheduled_tokens)
         tok = [SAMPLED_TOKEN]
-        self._out = ModelRunnerOutput(ids, [tok if s else [] for s in samples])
+        out = ModelRunnerOutput(ids, [tok if s else [] for s in samples])
         if self.transferred:
             for rid, s in zip(ids, samples):
                 if s:
                     self.transferred.discard(rid)
-        self._so = so
         dt = self.profile.step_time(shape)
-        self.step_end = now + dt
-        self.busy_s += dt
+        start = max(now, self._stage_free)
+        self._stage_free = start + dt / self.pp
+        end = max(start + dt, self._last_end + dt / self.pp)
+        self._last_end = end
+        if not self.in_flight:
+            self._busy_since = now
+        self.in_flight.append((so, out))
         self.num_steps += 1
-        return dt
+        return end
 
-    def finish_step(self):
-        """End the step in flight: the scheduler's ``EngineCoreOutput`` list."""
-        so, out = self._so, self._out
-        self._so = self._out = None
-        self.step_end = None
+    def finish_step(self, t: float):
+        """End the oldest step in flight (at ``t``): the scheduler's ``EngineCoreOutput`` list."""
+        so, out = self.in_flight.popleft()
+        if not self.in_flight:
+            self.busy_s += t - self._busy_since
         if self._commit_by_step:  # as EngineCore.step after a successful forward
             self._commit(so.step_id)
         elif self._commit is not None:

@@ -102,7 +102,7 @@ class Timeline:
         self._seen_done, self._seen_arr = completed, arrived
         for name, reps in self.pools.items():
             total = self.sf.prefill_total if name == "prefill" else self.sf.decode_total
-            busy = sum(r.busy_s - (r.step_end - t if r.step_end is not None else 0.0) for r in reps)
+            busy = sum(r.busy_time(t) for r in reps)
             stats = [r.scheduler.stats() for r in reps]
             k = len(reps)
             waiting = sum(s.num_waiting for s in stats) / k

@@ -151,3 +151,16 @@ def test_prefix_router_spills_over_when_its_replica_is_loaded():
     assert r.pick(7, [BALANCE_ABS, 0]) == 0  # within the slack: stays for the cache
     assert r.pick(7, [BALANCE_ABS + 1, 0]) == 1  # overloaded: least load, and remembered
     assert r.pick(7, [0, 0]) == 1
+
+
+def test_pipeline_parallel_keeps_two_steps_in_flight():
+    # pp=2, steps of 10 ms (5 ms per stage), budget 64: A and B (64-token prompts) cannot share
+    # a step, so B's prefill enters stage 0 at 5 ms, behind A's; each then decodes in its own
+    # step, one stage apart: A at 10, 20, 30 ms, B at 15, 25, 35 ms.
+    from dataclasses import replace
+
+    prof = replace(fixed_profile(10 * MS, EngineLimits(max_num_batched_tokens=64)), pp=2)
+    res = simulate(prof, FleetConfig(), arrivals((0.0, 64, 3), (0.0, 64, 3)))
+    assert per_request(res) == [(10.0, 30.0, 10.0), (15.0, 35.0, 10.0)]
+    seq = run(arrivals((0.0, 64, 3), (0.0, 64, 3)), limits=EngineLimits(max_num_batched_tokens=64))
+    assert per_request(seq) == [(10.0, 30.0, 10.0), (30.0, 50.0, 10.0)]  # one step at a time
