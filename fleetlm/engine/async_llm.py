@@ -15,39 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import subprocess
-import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 
-import msgspec
-
 from fleetlm.config import CacheConfig, EngineArgs
-from fleetlm.core.scheduler import check_request_fits
-from fleetlm.engine.core_proc import (
-    AbortRequests,
-    AddRequests,
-    CoreOutputs,
-    Failed,
-    NewRequest,
-    OutputMessage,
-    Ready,
-    Shutdown,
-    spawn_engine_core,
-)
-from fleetlm.engine.llm_engine import fan_out, load_engine_parts
+from fleetlm.engine.core_client import AsyncMPClient
+from fleetlm.engine.core_proc import AbortRequests, CoreOutputs, Failed
 from fleetlm.engine.output_processor import OutputProcessor, StatsSink
+from fleetlm.engine.processor import InputProcessor, load_engine_parts
+from fleetlm.executor.base import EngineDeadError
 from fleetlm.metrics.stats import SchedulerStats
 from fleetlm.outputs import RequestOutput
 from fleetlm.sampling_params import SamplingParams
 
 logger = logging.getLogger("fleetlm")
 
-
-class EngineDeadError(RuntimeError):
-    """The engine-core process is gone; nothing can be served."""
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError", "RequestStream", "RequestTimeoutError"]
 
 
 class QueueFullError(RuntimeError):
@@ -62,8 +45,9 @@ class AsyncLLM:
     def __init__(self, args: EngineArgs, *, max_queued_requests: int | None = None,
                  max_queued_tokens: int | None = None, request_timeout: float | None = None,
                  stats_sink: StatsSink | None = None) -> None:
-        files, _, self.max_model_len = load_engine_parts(args)  # tokenizer and config; weights stay unread
+        files, _, max_model_len = load_engine_parts(args)  # tokenizer and config; weights stay unread
         self.args = args
+        self.processor = InputProcessor(files.tokenizer, files.config, max_model_len)
         self.model_config = files.config
         self.tokenizer = files.tokenizer
         self.max_queued_requests = max_queued_requests
@@ -77,66 +61,27 @@ class AsyncLLM:
         self._queues: dict[str, asyncio.Queue] = {}
         self._sent_seqs = 0  # sequences / prompt tokens sent to the core, for queue accounting
         self._sent_tokens = 0
-        self._proc = None
+        self.client = AsyncMPClient(args, logger.getEffectiveLevel())
         self._loop_task: asyncio.Task | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.processor.max_model_len
+
     async def start(self) -> None:
         """Spawn the engine core and wait until it has loaded the model (or failed to)."""
-        import zmq
-        import zmq.asyncio
-
-        base = os.path.join(tempfile.gettempdir(), f"fleetlm-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self._in_addr, self._out_addr = f"ipc://{base}-in", f"ipc://{base}-out"
-        self._zctx = zmq.asyncio.Context()
-        self._sync_ctx = zmq.Context()
-        self._in = self._sync_ctx.socket(zmq.PUSH)  # plain socket: a send never needs awaiting
-        self._in.setsockopt(zmq.SNDHWM, 0)  # never drop: the queue bound lives in _admit
-        self._in.bind(self._in_addr)
-        self._out = self._zctx.socket(zmq.PULL)
-        self._out.bind(self._out_addr)
-        self._dec = msgspec.msgpack.Decoder(OutputMessage)
-        self._enc = msgspec.msgpack.Encoder()
-        self._proc = spawn_engine_core(self.args, self._in_addr, self._out_addr, logger.getEffectiveLevel())
-        msg = await self._recv_ready()
-        self.max_model_len = msg.max_model_len
-        self.cache_config = CacheConfig(msg.block_size, msg.num_blocks, self.args.enable_prefix_caching)
+        await self.client.start()
+        self.processor.max_model_len = self.client.max_model_len
+        self.cache_config = self.processor.cache_config = self.client.cache_config
         self._loop_task = asyncio.create_task(self._output_loop(), name="fleetlm-output-loop")
-
-    async def _recv_ready(self) -> Ready:
-        while True:
-            if await self._out.poll(200):
-                msg = self._dec.decode(await self._out.recv())
-                if isinstance(msg, Failed):
-                    raise RuntimeError(f"engine core failed to start: {msg.error}")
-                assert isinstance(msg, Ready), msg
-                return msg
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"engine core exited during start-up (exit code {self._proc.returncode})")
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        if self._proc is not None and self._proc.poll() is None:
-            import zmq
-
-            with contextlib.suppress(Exception):  # never block: the core may be exiting right now
-                self._in.send(self._enc.encode(Shutdown()), flags=zmq.NOBLOCK)
-            try:
-                await asyncio.to_thread(self._proc.wait, 10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        if self._proc is not None:
-            self._in.close(linger=0)
-            self._out.close(linger=0)
-            self._zctx.term()
-            self._sync_ctx.term()
-            for addr in (self._in_addr, self._out_addr):
-                with contextlib.suppress(OSError):
-                    os.unlink(addr.removeprefix("ipc://"))
-            self._proc = None
+        await self.client.shutdown()
 
     @property
     def num_inflight(self) -> int:
@@ -144,7 +89,7 @@ class AsyncLLM:
 
     @property
     def engine_pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
+        return self.client.pid
 
     # -- requests -----------------------------------------------------------------------------
     def queued(self) -> tuple[int, int]:
@@ -186,21 +131,19 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         if admit:
             self.check_queue_bounds(params.n, len(prompt_ids) * params.n)  # before fanning out n
-        reqs = fan_out(request_id, prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len)
-        check_request_fits(len(prompt_ids), reqs[0].max_tokens, self.max_model_len, self.cache_config)
+        reqs = self.processor.make_requests(request_id, prompt_ids, params)
         if admit:
             self._admit(len(reqs), len(prompt_ids) * len(reqs))
         arrival = arrival_time or time.monotonic()
         try:  # encode before registering anything: a value msgpack cannot carry is a bad request
-            msg = self._enc.encode(AddRequests([NewRequest(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                                           r.eos_token_ids, arrival) for r in reqs]))
+            msg = self.client.encode(self.client.encode_add(reqs, arrival))
         except (OverflowError, UnicodeError, TypeError) as e:
             raise ValueError(f"the request holds a value that cannot be sent to the engine: {e}") from None
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self.output_processor.add(request_id, prompt, prompt_ids, params, [r.request_id for r in reqs], arrival,
                                   stream=stream, record=record)
-        self._in.send(msg)
+        self.client.send_encoded(msg)
         self._sent_seqs += len(reqs)
         self._sent_tokens += len(prompt_ids) * len(reqs)
         if record and self.stats_sink is not None:
@@ -225,19 +168,18 @@ class AsyncLLM:
             self._send(AbortRequests(child_ids))
 
     def _send(self, msg) -> None:
-        self._in.send(self._enc.encode(msg))
+        self.client.send_encoded(self.client.encode(msg))
 
     # -- the output loop --------------------------------------------------------------------------
     async def _output_loop(self) -> None:
         try:
             while True:
-                if not await self._out.poll(250):
-                    if self._proc.poll() is not None:
-                        self._mark_dead(f"the engine core process exited (code {self._proc.returncode})")
+                msg = await self.client.get_output()
+                if msg is None:
+                    if (code := self.client.exit_code()) is not None:
+                        self._mark_dead(f"the engine core process exited (code {code})")
                         return
-                    continue
-                msg = self._dec.decode(await self._out.recv())
-                if isinstance(msg, CoreOutputs):
+                elif isinstance(msg, CoreOutputs):
                     self._handle(msg)
                 elif isinstance(msg, Failed):  # the core is going down (e.g. a worker rank died)
                     self._mark_dead(f"the engine core failed: {msg.error}")

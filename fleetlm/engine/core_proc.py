@@ -118,7 +118,7 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str, parent_
 
 def _build_core(args: EngineArgs):
     from fleetlm.engine.engine_core import EngineCore
-    from fleetlm.engine.llm_engine import load_engine_parts
+    from fleetlm.engine.processor import load_engine_parts
 
     files, dtype, max_model_len = load_engine_parts(args)
     return EngineCore(args, files, dtype, max_model_len)

@@ -9,6 +9,7 @@ from typing import Any
 from fleetlm.config import EngineArgs
 from fleetlm.core.scheduler import KVCacheCapacityError
 from fleetlm.engine.llm_engine import LLMEngine, Prompt
+from fleetlm.log import configure_logging
 from fleetlm.models.hub import DEFAULT_MODEL
 from fleetlm.models.tokenizer import Tokenizer
 from fleetlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -26,7 +27,7 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any) -> None:
-        _configure_logging()
+        configure_logging()
         self.engine = LLMEngine(EngineArgs.from_kwargs(model, **kwargs))
 
     def get_tokenizer(self) -> Tokenizer:
@@ -34,7 +35,7 @@ class LLM:
 
     def shutdown(self) -> None:
         """Stop the engine's worker processes (tensor/pipeline parallel); idempotent."""
-        self.engine.core.shutdown()
+        self.engine.shutdown()
 
     def __enter__(self) -> LLM:
         return self
@@ -129,12 +130,3 @@ def _progress(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
-
-
-def _configure_logging() -> None:
-    log = logging.getLogger("fleetlm")
-    if not log.handlers:
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(levelname)s fleetlm: %(message)s"))
-        log.addHandler(h)
-        log.setLevel(logging.INFO)

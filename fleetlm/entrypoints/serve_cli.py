@@ -44,8 +44,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     import asyncio
 
     from fleetlm.config import EngineArgs
-    from fleetlm.engine.llm import _configure_logging
     from fleetlm.entrypoints.openai.api_server import ServerConfig, serve
+    from fleetlm.log import configure_logging
 
     for name in ("max_queued_requests", "max_queued_tokens", "max_request_body_bytes"):
         v = getattr(args, name)
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
-    _configure_logging()
+    configure_logging()
     engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs)
     config = ServerConfig(
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=api_keys(args),

@@ -29,7 +29,7 @@ logger = logging.getLogger("fleetlm")
 def run_worker(args: EngineArgs, rank: int, init_method: str | None, local_ranks: int) -> None:
     import zmq
 
-    from fleetlm.engine.llm_engine import load_engine_parts
+    from fleetlm.engine.processor import load_engine_parts
     from fleetlm.executor.multiproc import StepFailure
     from fleetlm.worker.worker import Worker
 
