@@ -71,6 +71,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # ranks that split every layer's heads and matrices
     pipeline_parallel_size: int = 1  # stages that split the layers
     distributed_executor_backend: str = "auto"  # auto | uniproc | multiproc
+    pipeline_layer_partition: tuple[int, ...] | None = None  # layers per stage (default: even split)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -102,6 +103,12 @@ class EngineArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.pipeline_layer_partition is not None:
+            part = tuple(self.pipeline_layer_partition)
+            if len(part) != self.pipeline_parallel_size or any(not isinstance(n, int) or n < 1 for n in part):
+                raise ValueError(f"pipeline_layer_partition must give pipeline_parallel_size "
+                                 f"({self.pipeline_parallel_size}) layer counts >= 1, got {part}")
+            object.__setattr__(self, "pipeline_layer_partition", part)
         if self.distributed_executor_backend not in ("auto", "uniproc", "multiproc"):
             raise ValueError("distributed_executor_backend must be auto, uniproc or multiproc, got "
                              f"{self.distributed_executor_backend!r}")
@@ -122,6 +129,19 @@ class EngineArgs:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def stage_layers(self, num_layers: int) -> list[range]:
+        """Layers of each pipeline stage: the given partition, or as even as possible."""
+        from fleetlm.plan.memory import stage_layers
+
+        part = self.pipeline_layer_partition
+        if part is None:
+            return stage_layers(num_layers, self.pipeline_parallel_size)
+        if sum(part) != num_layers:
+            raise ValueError(f"pipeline_layer_partition {list(part)} sums to {sum(part)}, but the model has "
+                             f"{num_layers} layers")
+        starts = [sum(part[:i]) for i in range(len(part))]
+        return [range(a, a + n) for a, n in zip(starts, part)]
 
     @property
     def executor_backend(self) -> str:

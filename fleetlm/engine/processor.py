@@ -43,6 +43,7 @@ def load_engine_parts(args: EngineArgs) -> tuple[LoadedModel, torch.dtype, int]:
     c = files.config
     check_parallel_fits(c.num_heads, c.num_kv_heads, c.num_layers, args.tensor_parallel_size,
                         args.pipeline_parallel_size)
+    args.stage_layers(c.num_layers)  # a given partition must fit the model
     if c.intermediate_size % args.tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size {args.tensor_parallel_size} does not divide the model's "
                          f"intermediate size ({c.intermediate_size})")

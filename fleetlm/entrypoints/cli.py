@@ -27,6 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch_paged", "cpu_native"])
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks splitting every layer")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="stages splitting the layers")
+    g.add_argument("--pipeline-layer-partition", type=_int_list,
+                   help="layers per pipeline stage, e.g. 16,14 (default: as even as possible)")
     g.add_argument("--distributed-executor-backend", default="auto", choices=["auto", "uniproc", "multiproc"],
                    help="multiproc: one process per rank (auto when tp x pp > 1); under torchrun, its ranks")
 
@@ -34,7 +36,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ("dtype", "device", "max_model_len", "block_size", "kv_cache_memory", "gpu_memory_utilization",
             "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads", "attention_backend",
-            "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")
+            "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
+            "pipeline_layer_partition")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -54,6 +57,13 @@ def run_as_torchrun_worker(args: argparse.Namespace) -> int | None:
                          f"pipeline_parallel_size = {engine_args.world_size}")
     run_worker(engine_args, int(os.environ["RANK"]), None, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _bytes(text: str) -> int:

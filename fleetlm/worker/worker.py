@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
@@ -18,7 +19,6 @@ from fleetlm.distributed.parallel_state import RankInfo, parallel_state
 from fleetlm.models.loader import LoadedModel
 from fleetlm.models.registry import build_model
 from fleetlm.plan import kv_cache_bytes_per_token, kv_cache_num_blocks
-from fleetlm.plan.memory import stage_layers
 from fleetlm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("fleetlm")
@@ -38,6 +38,7 @@ class Worker:
         self.device = torch.device(args.resolved_device)
         self.max_model_len = max_model_len
         self.runner: ModelRunner | None = None
+        self.step_seconds = 0.0
         if self.device.type == "cpu" or args.num_threads:
             torch.set_num_threads(args.num_threads or default_num_threads(local_ranks))
         torch.manual_seed(args.seed)  # unseeded requests draw from the global generator
@@ -50,7 +51,7 @@ class Worker:
         """Build this rank's part of the model and load its slice of every weight."""
         cfg = files.config
         st = self.rank
-        layers = stage_layers(cfg.num_layers, st.pp_size)[st.pp_rank] if st.pp_size > 1 else range(cfg.num_layers)
+        layers = self.args.stage_layers(cfg.num_layers)[st.pp_rank]
         model = build_model(files, self.dtype, self.max_model_len, layers, self.device)
         model.eval()
         self.runner = ModelRunner(model, block_size=self.args.block_size, device=self.device,
@@ -89,4 +90,21 @@ class Worker:
         return self.runner.backend.name
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
-        return self.runner.execute_model(so)
+        t0 = time.perf_counter()
+        try:
+            return self.runner.execute_model(so)
+        finally:
+            self.step_seconds += time.perf_counter() - t0
+
+    def comm_stats(self, reset: bool = False) -> dict[str, float]:
+        """Seconds inside ``execute_model`` and inside each kind of collective, since the last
+        reset (the parallel benchmark's breakdown of a step)."""
+        from fleetlm.distributed.communication import COMM_CALLS, COMM_SECONDS
+
+        out = {"step": self.step_seconds, **{k: v for k, v in COMM_SECONDS.items()},
+               **{f"{k}_calls": float(v) for k, v in COMM_CALLS.items()}}
+        if reset:
+            self.step_seconds = 0.0
+            COMM_SECONDS.clear()
+            COMM_CALLS.clear()
+        return out

@@ -24,7 +24,7 @@ CONFIGS = {
     "default": {"kv_cache_memory": 16 << 20},
     "chunked-preempting": {"max_num_batched_tokens": 8, "num_kv_blocks": 20, "block_size": 4},
 }
-LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}  # 3 layers: stages of 2 + 1
 SP = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
@@ -60,6 +60,13 @@ def test_layout_is_token_identical_to_one_process(tiny, reference, layout, confi
             assert sched.num_preemptions > 0
         if pp > 1:
             assert llm.engine.core.executor.max_concurrent_batches == pp
+
+
+def test_given_layer_partition(tiny, reference):
+    with LLM(str(tiny), dtype="float32", pipeline_parallel_size=2, pipeline_layer_partition=(1, 2),
+             **CONFIGS["default"]) as llm:
+        assert [o.outputs[0].token_ids for o in _gen(llm, PROMPTS, SP)] == reference["default"]
+        assert llm.engine.core.executor.worker.runner.layer_ids == range(0, 1)
 
 
 def test_logprobs_agree_across_tp_and_pp(tiny):
@@ -130,6 +137,9 @@ def test_torchrun_two_nodes_on_loopback_generate_like_one_process(tiny, tmp_path
     ({"tensor_parallel_size": 3}, "tensor_parallel_size 3 does not divide the model's 4 attention heads"),
     ({"pipeline_parallel_size": 4}, "pipeline_parallel_size 4 exceeds the model's 3 layers"),
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "uniproc"}, "use 'multiproc'"),
+    ({"pipeline_parallel_size": 2, "pipeline_layer_partition": (1, 1)},
+     r"pipeline_layer_partition \[1, 1\] sums to 2, but the model has 3 layers"),
+    ({"pipeline_parallel_size": 2, "pipeline_layer_partition": (3,)}, "must give pipeline_parallel_size"),
     ({"distributed_executor_backend": "ray"}, "distributed_executor_backend must be auto, uniproc or multiproc"),
 ])
 def test_bad_layouts_are_refused_naming_the_numbers(tiny, kw, match):
