@@ -29,7 +29,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()  # a set: the per-token stop check is O(1)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     max_tokens: int | None = 16
@@ -45,7 +45,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", ())
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        try:
+            object.__setattr__(self, "stop_token_ids", frozenset(self.stop_token_ids or ()))
+        except TypeError:
+            raise ValueError(f"SamplingParams.stop_token_ids must be integers, got {self.stop_token_ids!r}") from None
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         self._validate()

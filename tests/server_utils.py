@@ -20,7 +20,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``with ServerProcess(["--dtype", "float32"]) as srv: httpx.get(srv.url + "/health")``."""
+    """``with ServerProcess(["--dtype", "float32"]) as srv: httpx.get(srv.url + "/health")``.
+    Entering waits until the server is ready (``/health/ready`` answers 200)."""
 
     def __init__(self, args: list[str], model: str | Path = "smollm2-135m-instruct", env: dict | None = None,
                  api_key: str | None = None, start_timeout: float = 300) -> None:
@@ -53,7 +54,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/health", timeout=30).status_code == 200:
+                if httpx.get(self.url + "/health/ready", timeout=30).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

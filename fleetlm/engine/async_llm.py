@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 from fleetlm.config import CacheConfig, EngineArgs
 from fleetlm.engine.core_client import AsyncMPClient
-from fleetlm.engine.core_proc import AbortRequests, CoreOutputs, Failed
+from fleetlm.engine.core_proc import AbortRequests, AddRequests, CoreOutputs, Failed
 from fleetlm.engine.output_processor import OutputProcessor, StatsSink
 from fleetlm.engine.processor import InputProcessor, load_engine_parts
 from fleetlm.executor.base import EngineDeadError
@@ -63,6 +63,8 @@ class AsyncLLM:
         self._sent_tokens = 0
         self.client = AsyncMPClient(args, logger.getEffectiveLevel())
         self._loop_task: asyncio.Task | None = None
+        self.last_output_time: float | None = None  # monotonic time of the core's last output message
+        self._pings: list[asyncio.Future] = []  # liveness probes waiting for the core's next message
 
     # -- life cycle -------------------------------------------------------------------------------
     @property
@@ -170,6 +172,28 @@ class AsyncLLM:
     def _send(self, msg) -> None:
         self.client.send_encoded(self.client.encode(msg))
 
+    async def ping(self, timeout: float) -> bool:
+        """True if the core's loop answers within ``timeout`` seconds. The ping is an empty input
+        batch: the core answers it after its current step, so it never waits behind queued work."""
+        if self.dead_reason is not None or self._loop_task is None or self._loop_task.done():
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        self._pings.append(fut)
+        self._send(AddRequests([]))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            if fut in self._pings:
+                self._pings.remove(fut)
+
+    def _answer_pings(self, alive: bool) -> None:
+        pings, self._pings = self._pings, []
+        for fut in pings:
+            if not fut.done():
+                fut.set_result(alive)
+
     # -- the output loop --------------------------------------------------------------------------
     async def _output_loop(self) -> None:
         try:
@@ -191,6 +215,8 @@ class AsyncLLM:
             self._mark_dead(f"the output loop failed: {type(e).__name__}: {e}")
 
     def _handle(self, msg: CoreOutputs) -> None:
+        self.last_output_time = time.monotonic()
+        self._answer_pings(True)
         self.stats = msg.stats
         if self.stats_sink is not None:
             self.stats_sink.on_scheduler_stats(msg.stats)
@@ -208,6 +234,7 @@ class AsyncLLM:
     def _mark_dead(self, reason: str) -> None:
         logger.error("engine dead: %s", reason)
         self.dead_reason = reason
+        self._answer_pings(False)
         self.fail_all(reason)
 
     def fail_all(self, reason: str) -> None:

@@ -9,6 +9,7 @@ decoded alone (SentencePiece) still give the first output token its space.
 
 from __future__ import annotations
 
+from fleetlm.engine.stop_matcher import automaton_for
 from fleetlm.models.tokenizer import Tokenizer
 from fleetlm.sampling_params import SamplingParams
 
@@ -23,7 +24,9 @@ class IncrementalDetokenizer:
         self.text = ""
         self._prefix_offset = 0
         self._read_offset = len(self.token_ids)
-        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        self._stops = automaton_for(params.stop) if params.stop else None
+        self._stop_state = 0  # the automaton's state after the first ``_stop_fed`` characters of text
+        self._stop_fed = 0
         self.stop_reason: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
@@ -51,19 +54,19 @@ class IncrementalDetokenizer:
         return delta
 
     def check_stop(self, num_new_chars: int) -> bool:
-        """Look for a stop string overlapping the last ``num_new_chars`` characters; on a match,
-        truncate the text (keeping the stop string only if asked) and remember which one."""
-        if not self.params.stop or not num_new_chars:
+        """Look for a stop string ending in the last ``num_new_chars`` characters (it may start
+        earlier); on a match, truncate the text (keeping the stop string only if asked) and
+        remember which one. Each character goes through the stop automaton once, so the cost does
+        not grow with the number of stop strings (see ``stop_matcher``)."""
+        if self._stops is None or not num_new_chars:
             return False
-        start = max(0, len(self.text) - num_new_chars - self._max_stop_len + 1)
-        best = None
-        for s in self.params.stop:
-            idx = self.text.find(s, start)
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, s)
-        if best is None:
+        new_start = max(len(self.text) - num_new_chars, self._stop_fed)
+        state = self._stops.skip(self._stop_state, self.text[self._stop_fed : new_start])  # not checked (min_tokens)
+        state, end, stop = self._stops.feed(state, self.text[new_start:])
+        self._stop_state, self._stop_fed = state, len(self.text)
+        if stop is None:
             return False
-        idx, s = best
-        self.text = self.text[: idx + len(s)] if self.params.include_stop_str_in_output else self.text[:idx]
-        self.stop_reason = s
+        end += new_start
+        self.text = self.text[:end] if self.params.include_stop_str_in_output else self.text[: end - len(stop)]
+        self.stop_reason = stop
         return True

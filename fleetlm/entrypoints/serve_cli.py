@@ -27,6 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, help="seconds before a request is aborted (504)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish")
+    g.add_argument("--timeout-keep-alive", type=float, default=10.0,
+                   help="seconds a connection may stay idle, or take to send a whole request, before it is closed")
+    g.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections; a request on a connection past this gets 503 (health probes exempt)")
+    g.add_argument("--health-timeout", type=float, default=30.0,
+                   help="/health fails if the engine loop does not answer a ping within this many seconds")
+    g.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -47,11 +54,11 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from fleetlm.entrypoints.openai.api_server import ServerConfig, serve
     from fleetlm.log import configure_logging
 
-    for name in ("max_queued_requests", "max_queued_tokens", "max_request_body_bytes"):
+    for name in ("max_queued_requests", "max_queued_tokens", "max_request_body_bytes", "max_connections"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    for name in ("request_timeout", "shutdown_timeout"):
+    for name in ("request_timeout", "shutdown_timeout", "timeout_keep_alive", "health_timeout"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
@@ -62,5 +69,25 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         metrics_public=args.metrics_public, max_request_body_bytes=args.max_request_body_bytes,
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
+        health_timeout=args.health_timeout, timeout_keep_alive=args.timeout_keep_alive,
+        max_connections=args.max_connections, enable_docs=args.enable_docs,
     )
+    raise_fd_limit(config.max_connections)
     return asyncio.run(serve(engine_args, config))
+
+
+def raise_fd_limit(max_connections: int, spare: int = 256) -> None:
+    """Lift the soft open-files limit (up to the hard one) so ``max_connections`` sockets plus
+    the server's own files fit: the limit, not the kernel, should turn connections away."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + spare
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            logging.getLogger("fleetlm").warning(
+                "open-files limit %d is below --max-connections %d + %d; connections past it will fail",
+                new, max_connections, spare)

@@ -83,11 +83,25 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator] | 
     return probs.div(q).argmax(dim=-1)
 
 
+class NoTokenAllowedError(ValueError):
+    """``min_tokens`` bans every token of the vocabulary (all of them are stop or EOS ids)."""
+
+
+def check_some_token_allowed(logits: torch.Tensor, rows: torch.Tensor) -> None:
+    """Raise rather than emit token 0 from a row whose every logit is banned. The step fails and
+    is re-run one request at a time, so only the offending request ends in an error."""
+    rows = rows.unique()
+    if torch.isneginf(logits[rows]).all(dim=-1).any():
+        raise NoTokenAllowedError("min_tokens cannot be met: stop_token_ids and EOS cover every token, "
+                                  "so none can be sampled")
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
         raw_logprobs = logits.log_softmax(-1) if m.max_num_logprobs is not None else None
         if m.banned_rows is not None:
             logits = logits.index_put((m.banned_rows, m.banned_cols), torch.tensor(float("-inf")))
+            check_some_token_allowed(logits, m.banned_rows)
         if m.output_token_ids is not None:
             logits = apply_penalties(logits, m)
         sampled = logits.argmax(dim=-1)

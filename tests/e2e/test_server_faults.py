@@ -87,7 +87,8 @@ def wait_idle(srv: ServerProcess, free_at_start: float, timeout: float = 60.0) -
 
 
 def start_free_blocks(srv: ServerProcess) -> float:
-    """The free-block gauge of an idle engine (the probe of /health refreshes the gauges)."""
+    """The free-block gauge of an idle engine (on an idle server, /health pings the engine core,
+    whose answer refreshes the gauges)."""
     assert httpx.get(srv.url + "/health", timeout=60).status_code == 200
     free, running, waiting = idle_state(srv)
     assert (running, waiting) == (0, 0), "the server is not idle at the start of the test"
@@ -562,10 +563,12 @@ def test_sigterm_drains_inflight_requests_then_exits_0(model_dir):
                 srv.proc.send_signal(signal.SIGTERM)
                 async with httpx.AsyncClient(timeout=30) as other:
                     deadline = time.monotonic() + 30
-                    while (h := await other.get(srv.url + "/health")).status_code != 503:
-                        assert time.monotonic() < deadline, "/health never turned 503 after SIGTERM"
+                    while (h := await other.get(srv.url + "/health/ready")).status_code != 503:
+                        assert time.monotonic() < deadline, "/health/ready never turned 503 after SIGTERM"
                         await asyncio.sleep(0.02)
                     assert "shutting down" in h.json()["status"]
+                    live = await other.get(srv.url + "/health")  # draining is still alive: no restart
+                    assert live.status_code == 200 and live.json() == {"status": "draining"}, live.text
                     assert not any(t.done() for t in streams + fulls), "in-flight requests ended early"
                     for method, path, body in [("POST", "/v1/completions", completion("new", 2)),
                                                ("POST", "/v1/chat/completions", chat("new", 2)),
@@ -666,12 +669,13 @@ class TestApiKeys:
     def srv(self, model_dir, tmp_path_factory):
         key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
         key_file.write_text("k5\n\n   k6  \n")
-        args = BASE + ["--api-key", "k1", "--api-key", "k2", "--api-key-file", str(key_file)]
+        args = BASE + ["--api-key", "k1", "--api-key", "k2", "--api-key-file", str(key_file), "--enable-docs"]
         with ServerProcess(args, model=model_dir, env={"FLEETLM_API_KEY": "k3, k4"}, api_key="k1") as s:
             yield s
 
     @pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=ROUTE_IDS)
     def test_every_route_but_health_needs_a_valid_key(self, srv, method, path, body):
+        """(The docs routes are on here: ``--enable-docs``; they are off by default.)"""
         with httpx.Client(timeout=CLIENT_TIMEOUT) as c:
             for auth in BAD_AUTH:
                 headers = {} if auth is None else {"Authorization": auth}
@@ -680,9 +684,10 @@ class TestApiKeys:
                 r = c.request(method, srv.url + path, json=body, headers={"Authorization": f"Bearer {key}"})
                 assert r.status_code == 200, (key, r.text[:300])
 
-    def test_health_is_open(self, srv):
-        assert httpx.get(srv.url + "/health", timeout=60).status_code == 200
-        assert httpx.get(srv.url + "/health", headers={"Authorization": "Bearer wrong"}, timeout=60).status_code == 200
+    @pytest.mark.parametrize("path", ["/health", "/health/ready"])
+    def test_health_probes_are_open(self, srv, path):
+        assert httpx.get(srv.url + path, timeout=60).status_code == 200
+        assert httpx.get(srv.url + path, headers={"Authorization": "Bearer wrong"}, timeout=60).status_code == 200
 
     def test_unknown_route_is_401_without_a_key(self, srv):
         _assert_401(httpx.get(srv.url + "/v1/secret-route", timeout=60))
@@ -704,7 +709,7 @@ class TestApiKeys:
 class TestMetricsPublic:
     @pytest.fixture(scope="class")
     def srv(self, model_dir):
-        with ServerProcess(BASE + ["--metrics-public"], model=model_dir, env={"FLEETLM_API_KEY": "only-key"},
+        with ServerProcess(BASE + ["--metrics-public", "--enable-docs"], model=model_dir, env={"FLEETLM_API_KEY": "only-key"},
                            api_key="only-key") as s:
             yield s
 

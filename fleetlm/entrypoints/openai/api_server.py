@@ -1,28 +1,27 @@
 """``fleetlm serve``: the FastAPI app and its life cycle.
 
-States: loading (503 everywhere but /health and /metrics, which say so) -> ready -> draining
-(after SIGTERM/SIGINT: new requests get 503, in-flight ones finish up to --shutdown-timeout,
-then the rest are aborted and the process exits 0). If the engine process dies, requests and
-/health get 503 instead of hanging.
+States: loading (503 everywhere but the health probes and /metrics, which say so) -> ready ->
+draining (after SIGTERM/SIGINT: new requests get 503, in-flight ones finish up to
+--shutdown-timeout, then the rest are aborted and the process exits 0). If the engine process
+dies, requests and both probes get 503 instead of hanging. Probes: see ``server_state``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fleetlm import __version__
 from fleetlm.config import EngineArgs
 from fleetlm.engine.async_llm import AsyncLLM
-from fleetlm.entrypoints.openai.middleware import BodyTooLarge, GuardMiddleware
+from fleetlm.entrypoints.openai.errors import install_error_handlers
+from fleetlm.entrypoints.openai.http_protocol import GuardedH11Protocol
+from fleetlm.entrypoints.openai.middleware import GuardMiddleware
 from fleetlm.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -30,11 +29,18 @@ from fleetlm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from fleetlm.entrypoints.openai.server_state import (
+    LIVENESS_PATH,
+    READINESS_PATH,
+    ServerConfig,
+    ServerState,
+)
 from fleetlm.entrypoints.openai.serving import (
     ClientGone,
     OpenAIServing,
     close_all,
     engine_error,
+    render_chat,
     run_cancellable,
     safe_encode,
 )
@@ -42,99 +48,20 @@ from fleetlm.entrypoints.openai.serving_chat import ChatHandler
 from fleetlm.entrypoints.openai.serving_completion import CompletionHandler
 from fleetlm.entrypoints.openai.sse import SSEResponse
 from fleetlm.metrics.prometheus import PrometheusMetrics
-from fleetlm.sampling_params import SamplingParams
+
+__all__ = ["ServerConfig", "ServerState", "build_app", "serve"]
 
 logger = logging.getLogger("fleetlm")
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str | None = None
-    api_keys: tuple[str, ...] = ()
-    metrics_public: bool = False
-    max_request_body_bytes: int = 1 << 20
-    max_queued_requests: int | None = None
-    max_queued_tokens: int | None = None
-    request_timeout: float | None = None
-    shutdown_timeout: float = 30.0
-    health_timeout: float = 30.0
-
-
-@dataclass
-class ServerState:
-    config: ServerConfig
-    engine: AsyncLLM
-    metrics: PrometheusMetrics
-    model_name: str
-    ready: bool = False
-    draining: bool = False
-    load_error: str | None = None
-    _health: asyncio.Task | None = field(default=None, repr=False)
-
-    def gate(self, path: str) -> tuple[int, str, str] | None:
-        """Why a request to ``path`` must be refused now (status, message, code), or None."""
-        if path in ("/health", "/metrics"):
-            return None
-        if self.load_error is not None:
-            return 503, f"the model failed to load: {self.load_error}", "load_failed"
-        if not self.ready:
-            return 503, "the model is still loading", "loading"
-        if self.draining:
-            return 503, "the server is shutting down", "draining"
-        if self.engine.dead_reason is not None:
-            return 503, f"the engine is not available: {self.engine.dead_reason}", "engine_dead"
-        return None
-
-    async def health(self) -> tuple[bool, str]:
-        """A real one-token generation (concurrent probes share one)."""
-        refusal = self.gate("/v1/models")
-        if refusal is not None:
-            return False, refusal[1]
-        if self._health is None or self._health.done():
-            self._health = asyncio.create_task(self._probe())
-        try:
-            return await asyncio.shield(self._health)
-        except Exception as e:
-            return False, f"{type(e).__name__}: {e}"
-
-    async def _probe(self) -> tuple[bool, str]:
-        eng = self.engine
-        ids = eng.tokenizer.encode("ok", add_special_tokens=False)[:1] or [0]
-        rs = eng.add_request(f"health-{time.monotonic_ns()}", None, ids, SamplingParams(max_tokens=1, temperature=0),
-                             record=False, admit=False, timeout=self.config.health_timeout)
-        async for out in rs:
-            if out.finished:
-                ok = out.error is None and len(out.outputs[0].token_ids) == 1
-                return ok, "ok" if ok else f"generation failed: {out.error}"
-        return False, "no output"
-
-
 def build_app(state: ServerState):
-    app = FastAPI(title="fleetlm", version="0.1.0")
+    docs = state.config.enable_docs
+    app = FastAPI(title="fleetlm", version=__version__, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     serving = OpenAIServing(state.engine, state.model_name)
     completions, chat = CompletionHandler(serving), ChatHandler(serving)
 
-    def error_response(e: APIError) -> Response:
-        # ensure_ascii: a message may quote input holding lone surrogates
-        return Response(json.dumps(e.body()), status_code=e.status, headers=e.headers, media_type="application/json")
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
-        return error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError):
-        return error_response(validation_error(e))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException):
-        if isinstance(e, BodyTooLarge):
-            return error_response(APIError(413, f"request body exceeds {state.config.max_request_body_bytes} bytes",
-                                           code="body_too_large"))
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
-        return error_response(APIError(e.status_code, str(e.detail), type=kind, headers=dict(e.headers or {})))
+    install_error_handlers(app, state.config.max_request_body_bytes)
 
     def check_model(model: str | None) -> None:
         if model is not None and model != state.model_name:
@@ -179,7 +106,7 @@ def build_app(state: ServerState):
         check_model(req.model)
         tok = state.engine.tokenizer
         if req.messages is not None:
-            text = tok.apply_chat_template([m.as_dict() for m in req.messages], req.add_generation_prompt)
+            text = render_chat(tok, req.messages, req.add_generation_prompt)
             ids = safe_encode(tok, text, "messages", add_special_tokens=False)
         else:
             ids = safe_encode(tok, req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
@@ -194,10 +121,15 @@ def build_app(state: ServerState):
             raise APIError(400, f"invalid token id(s) {bad[:5]} (vocab size {vocab})", param="tokens")
         return {"prompt": state.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    @app.get("/health")
+    @app.get(LIVENESS_PATH)
     async def health():
-        ok, why = await state.health()
-        return Response(status_code=200) if ok else JSONResponse({"status": why}, status_code=503)
+        ok, why = await state.live()
+        return JSONResponse({"status": why}, status_code=200 if ok else 503)
+
+    @app.get(READINESS_PATH)
+    async def ready():
+        ok, why = await state.readiness()
+        return JSONResponse({"status": why}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -207,32 +139,12 @@ def build_app(state: ServerState):
 
     @app.get("/version")
     async def version():
-        from fleetlm import __version__
-
         return {"version": __version__}
 
     return GuardMiddleware(app, api_keys=list(state.config.api_keys), metrics_public=state.config.metrics_public,
                            max_body_bytes=state.config.max_request_body_bytes, gate=state.gate,
-                           on_status=lambda s: state.metrics.on_http_response(s))
-
-
-def validation_error(e) -> APIError:
-    """Pydantic's complaint as one 400 naming the parameter."""
-    errs = e.errors()
-    first = errs[0] if errs else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "extra_forbidden":
-        from fleetlm.entrypoints.openai.protocol import UNSUPPORTED
-
-        why = "is not supported by this server" if loc and loc[-1] in UNSUPPORTED else "is not a known parameter"
-        return APIError(400, f"parameter '{param}' {why}", param=param, code="unsupported_parameter")
-    if first.get("type") == "missing":
-        if param is None:
-            return APIError(400, "the request body must be a JSON object", code="invalid_body")
-        return APIError(400, f"parameter '{param}' is required", param=param, code="missing_required_parameter")
-    msg = first.get("msg", "invalid request")
-    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+                           on_status=lambda s: state.metrics.on_http_response(s),
+                           over_connection_limit=state.over_connection_limit)
 
 
 async def serve(args: EngineArgs, config: ServerConfig) -> int:
@@ -245,8 +157,10 @@ async def serve(args: EngineArgs, config: ServerConfig) -> int:
     state = ServerState(config, engine, metrics, name)
     app = build_app(state)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
-                        timeout_graceful_shutdown=5, lifespan="off")
+                        timeout_graceful_shutdown=5, lifespan="off", http=GuardedH11Protocol,
+                        timeout_keep_alive=config.timeout_keep_alive)
     server = DrainingServer(uv, state)
+    state.connection_count = lambda: len(server.server_state.connections)
     serve_task = asyncio.create_task(server.serve())
     try:
         await engine.start()

@@ -1,6 +1,6 @@
-"""Pure-ASGI middleware of the server: status counting, body size limit, API keys, and the
-loading / draining gate. Pure ASGI (not ``BaseHTTPMiddleware``) so streaming and client
-disconnects pass through untouched."""
+"""Pure-ASGI middleware of the server: status counting, body size limit, API keys, the
+connection limit, and the loading / draining gate. Pure ASGI (not ``BaseHTTPMiddleware``) so
+streaming and client disconnects pass through untouched."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import json
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from fleetlm.entrypoints.openai.protocol import APIError
 
-OPEN_PATHS = {"/health"}
+OPEN_PATHS = frozenset({"/health", "/health/ready"})  # health probes: no key, no connection limit
 
 
 async def send_error(send, status: int, message: str, type_: str, code: str | None = None,
@@ -35,16 +36,19 @@ class BodyTooLarge(HTTPException):
 
 class GuardMiddleware:
     """In order: count every response status; refuse oversize bodies (413); check the API key
-    (401, constant-time compare against every key); refuse work while loading or draining (503)."""
+    (401, constant-time compare against every key); refuse requests on connections past the
+    limit (503, then the connection closes); refuse work while loading or draining (503)."""
 
     def __init__(self, app, *, api_keys: list[str], metrics_public: bool, max_body_bytes: int,
-                 gate: Callable[[str], tuple[int, str, str] | None], on_status: Callable[[int], None]) -> None:
+                 gate: Callable[[str], tuple[int, str, str] | None], on_status: Callable[[int], None],
+                 over_connection_limit: Callable[[], bool] = lambda: False) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys]
         self.metrics_public = metrics_public
         self.max_body = max_body_bytes
         self.gate = gate
         self.on_status = on_status
+        self.over_connection_limit = over_connection_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -69,6 +73,10 @@ class GuardMiddleware:
                 return await send_error(counting_send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
                                         "authentication_error", "invalid_api_key",
                                         {"WWW-Authenticate": "Bearer"})
+        if path not in OPEN_PATHS and self.over_connection_limit():
+            return await send_error(counting_send, 503, "too many open connections; retry later",
+                                    "service_unavailable", "too_many_connections",
+                                    {"Retry-After": "1", "Connection": "close"})
         refusal = self.gate(path)
         if refusal is not None:
             status, message, code = refusal
@@ -91,6 +99,8 @@ class GuardMiddleware:
             if not started:
                 await send_error(counting_send, 413, f"request body exceeds {self.max_body} bytes",
                                  "invalid_request_error", "body_too_large")
+        except ClientDisconnect:  # the client left (or sent broken framing): no one to answer
+            pass
 
     def _authorized(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")

@@ -24,6 +24,9 @@ Number = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 Int = Annotated[StrictInt, Field(ge=-(1 << 63), lt=1 << 63)]
 MAX_N = 128  # samples per prompt
 MAX_SEQUENCES = 1024  # prompts x n per HTTP request
+MAX_STOP_STRINGS = 64  # per request; matching costs the same per character whatever the count
+MAX_STOP_CHARS = 256  # per stop string (it also bounds the text a stream holds back)
+MAX_STOP_TOKEN_IDS = 256  # per request
 
 
 class APIError(Exception):
@@ -80,10 +83,35 @@ class _Sampling(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    def aliases(self) -> dict[str, str]:
+        """``SamplingParams`` field -> the request field it came from, where the names differ
+        (so an error names what the client sent)."""
+        return {}
+
+    def stop_list(self) -> list[str]:
+        """``stop`` as a list, bounded and valid text (400 naming ``stop[i]`` otherwise)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
+        for i, s in enumerate(stops):
+            param = "stop" if isinstance(self.stop, str) else f"stop[{i}]"
+            if len(s) > MAX_STOP_CHARS:
+                raise bad_request(f"{param} has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed", param)
+            if not is_valid_text(s):
+                raise bad_request(f"{param} is not valid Unicode text (it holds a lone surrogate)", param)
+        return stops
+
+    def stop_ids(self) -> tuple[int, ...]:
+        ids = tuple(self.stop_token_ids or ())
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(f"stop_token_ids has {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                              "stop_token_ids")
+        return ids
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         kw: dict[str, Any] = dict(
-            n=self.n, stop=self.stop, seed=self.seed, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-            stop_token_ids=self.stop_token_ids or (), skip_special_tokens=self.skip_special_tokens,
+            n=self.n, stop=self.stop_list(), seed=self.seed, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_ids(), skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, max_tokens=max_tokens,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
@@ -96,7 +124,28 @@ class _Sampling(BaseModel):
         except ValueError as e:
             m = re.search(r"SamplingParams\.(\w+)", str(e))
             param = m.group(1) if m else None
-            raise bad_request(str(e).replace("SamplingParams.", ""), param) from None
+            raise renamed(bad_request(str(e).replace("SamplingParams.", ""), param), self.aliases()) from None
+
+
+def renamed(err: APIError, aliases: dict[str, str]) -> APIError:
+    """``err`` with every engine field name in ``aliases`` replaced by the request's name for it,
+    in ``param`` and in the message."""
+    if not aliases:
+        return err
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, aliases)) + r")\b")
+    err.message = pattern.sub(lambda m: aliases[m.group(1)], err.message)
+    if err.param is not None:
+        err.param = pattern.sub(lambda m: aliases[m.group(1)], err.param)
+    return err
+
+
+def is_valid_text(s: str) -> bool:
+    """False for strings that are not Unicode text (lone surrogates from ``\\udXXX`` escapes)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class CompletionRequest(_Sampling):
@@ -105,6 +154,9 @@ class CompletionRequest(_Sampling):
     max_tokens: Int | None = 16
     logprobs: Int | None = None
     echo: StrictBool = False
+
+    def aliases(self) -> dict[str, str]:
+        return {"prompt_logprobs": "logprobs"}  # echo's prompt logprobs come from `logprobs`
 
     def to_sampling_params(self) -> SamplingParams:
         prompt_lp = self.logprobs if self.echo and self.logprobs is not None else None
@@ -123,9 +175,13 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self, with_name: bool = True) -> dict[str, str]:
+        """The message as the chat template sees it (``name`` only if set and ``with_name``)."""
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        d = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if with_name and self.name is not None:
+            d["name"] = self.name
+        return d
 
 
 class ChatCompletionRequest(_Sampling):
@@ -134,6 +190,12 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
     top_logprobs: Int | None = None
+
+    def aliases(self) -> dict[str, str]:
+        names = {"logprobs": "top_logprobs"}  # the engine's count of top tokens is top_logprobs
+        if self.max_completion_tokens is not None:  # it wins over max_tokens
+            names["max_tokens"] = "max_completion_tokens"
+        return names
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

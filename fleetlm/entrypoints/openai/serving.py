@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fleetlm.core.sched_output import PositionLogprobs
 from fleetlm.engine.async_llm import (
     AsyncLLM,
     EngineDeadError,
@@ -27,8 +26,10 @@ from fleetlm.entrypoints.openai.protocol import (
     MAX_SEQUENCES,
     APIError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     bad_request,
+    renamed,
 )
 from fleetlm.outputs import RequestOutput
 from fleetlm.sampling_params import SamplingParams
@@ -68,14 +69,17 @@ class OpenAIServing:
 
     # -- prompts ----------------------------------------------------------------------------------
     def completion_prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) per prompt. A flat list of ints is ONE prompt of token ids;
+        a list of strings or of token-id lists is a batch."""
         p = req.prompt
         if isinstance(p, str):
             return [(p, self.encode(p))]
-        if len(p) * req.n > MAX_SEQUENCES:
-            raise bad_request(f"{len(p)} prompts x n={req.n} exceeds {MAX_SEQUENCES} sequences per request", "prompt")
-        if isinstance(p[0], str):
-            return [(s, self.encode(s)) for s in p]
         batch = [p] if isinstance(p[0], int) else p
+        if len(batch) * req.n > MAX_SEQUENCES:
+            raise bad_request(f"{len(batch)} prompts x n={req.n} exceeds {MAX_SEQUENCES} sequences per request",
+                              "prompt")
+        if isinstance(batch[0], str):
+            return [(s, self.encode(s)) for s in batch]
         vocab = self.engine.model_config.vocab_size
         for ids in batch:
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -91,15 +95,27 @@ class OpenAIServing:
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         tok = self.engine.tokenizer
-        try:
-            text = tok.apply_chat_template([m.as_dict() for m in req.messages])
-        except ValueError as e:
-            raise bad_request(f"messages: {e}", "messages") from None
+        text = render_chat(tok, req.messages)
         return text, safe_encode(tok, text, "messages", add_special_tokens=False)
+
+    def sampling_params(self, req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        """The request's ``SamplingParams``, checked against the model too: stop token ids in
+        the vocabulary, and ``min_tokens`` not banning every token (400 naming the field)."""
+        params = req.to_sampling_params()
+        vocab = self.engine.model_config.vocab_size
+        for i, t in enumerate(req.stop_token_ids or ()):
+            if t >= vocab:
+                raise bad_request(f"stop_token_ids[{i}] = {t} is not a token id (vocab size {vocab})",
+                                  f"stop_token_ids[{i}]")
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.engine.tokenizer.eos_token_ids))
+        if params.min_tokens > 0 and len(banned) >= vocab:
+            raise bad_request("min_tokens cannot be met: stop_token_ids and EOS cover every token, so none "
+                              "could be sampled before min_tokens", "min_tokens")
+        return params
 
     # -- running ----------------------------------------------------------------------------------
     def start(self, prepared: list[Prepared], params: SamplingParams, stream: bool,
-              arrival: float) -> list[RequestStream]:
+              arrival: float, aliases: dict[str, str] | None = None) -> list[RequestStream]:
         """Admit every engine request of one HTTP request, or none (errors map to HTTP)."""
         streams: list[RequestStream] = []
         try:
@@ -110,9 +126,40 @@ class OpenAIServing:
         except BaseException as e:
             close_all(streams)
             if isinstance(e, ValueError) and not isinstance(e, APIError):
-                raise bad_request(str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
+                raise admission_error(str(e), aliases or {}) from None
             raise
         return streams
+
+
+def admission_error(message: str, aliases: dict[str, str]) -> APIError:
+    """A request the engine refused at admission, as a 400 naming the field the client sent."""
+    if "cannot be sent to the engine" in message:  # defence in depth: the protocol checks first
+        return bad_request("the request holds a value the engine cannot take (an integer beyond 64 bits, "
+                           "or text that is not valid Unicode)")
+    return renamed(bad_request(message, "max_tokens" if "max_tokens" in message else "prompt"), aliases)
+
+
+def render_chat(tok, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    """The chat template applied to ``messages`` (400 if it refuses them).
+
+    A message's ``name`` is passed to the template. It is never silently dropped: for each role
+    with a named message, the conversation is rendered again without that role's names, and if
+    the text is the same (the template ignores them) the request is refused naming the field.
+    At most five renders, whatever the number of messages."""
+    def render(drop_names_of: str | None) -> str:
+        return tok.apply_chat_template([m.as_dict(with_name=m.role != drop_names_of) for m in messages],
+                                       add_generation_prompt)
+
+    try:
+        text = render(None)
+        first_named = {m.role: i for i, m in reversed(list(enumerate(messages))) if m.name is not None}
+        for role, i in first_named.items():
+            if render(role) == text:
+                raise bad_request(f"messages[{i}].name is not supported: this model's chat template does not "
+                                  f"use names on {role} messages", f"messages[{i}].name")
+    except ValueError as e:
+        raise bad_request(f"messages: {e}", "messages") from None
+    return text
 
 
 async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
@@ -189,48 +236,6 @@ def sse(obj) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
-
-
-# -- logprobs -------------------------------------------------------------------------------------
-def _ranked(pos: PositionLogprobs, token: int, k: int):
-    sampled = pos[token]
-    top = sorted((lp.rank, t, lp) for t, lp in pos.items() if lp.rank <= k)
-    return sampled, [(t, lp) for _, t, lp in top[:k]]
-
-
-def chat_logprobs(token_ids: list[int], lps: list[PositionLogprobs] | None, k: int) -> dict | None:
-    if lps is None:
-        return None
-    content = []
-    for tok, pos in zip(token_ids, lps):
-        sampled, top = _ranked(pos, tok, k)
-        text = sampled.decoded_token or ""
-        content.append({
-            "token": text, "logprob": sampled.logprob, "bytes": list(text.encode()),
-            "top_logprobs": [{"token": lp.decoded_token or "", "logprob": lp.logprob,
-                              "bytes": list((lp.decoded_token or "").encode())} for _, lp in top],
-        })
-    return {"content": content}
-
-
-def completion_logprobs(token_ids: list[int], lps: list[PositionLogprobs | None], k: int,
-                        text_offset: int) -> dict:
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for tok, pos in zip(token_ids, lps):
-        if pos is None:  # first prompt token: nothing predicts it
-            out["tokens"].append(None)
-            out["token_logprobs"].append(None)
-            out["top_logprobs"].append(None)
-            out["text_offset"].append(text_offset)
-            continue
-        sampled, top = _ranked(pos, tok, k)
-        text = sampled.decoded_token or ""
-        out["tokens"].append(text)
-        out["token_logprobs"].append(sampled.logprob)
-        out["top_logprobs"].append({lp.decoded_token or "": lp.logprob for _, lp in top})
-        out["text_offset"].append(text_offset)
-        text_offset += len(text)
-    return out
 
 
 async def run_cancellable(coro, receive) -> object:

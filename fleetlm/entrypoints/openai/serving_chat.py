@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from fleetlm.entrypoints.openai.logprobs import chat_logprobs
 from fleetlm.entrypoints.openai.protocol import ChatCompletionRequest
 from fleetlm.entrypoints.openai.serving import (
     SSE_DONE,
     OpenAIServing,
     Prepared,
-    chat_logprobs,
     check_error,
     close_all,
     collect,
@@ -26,11 +26,11 @@ class ChatHandler:
         self.s = serving
 
     def prepare(self, req: ChatCompletionRequest, arrival: float):
-        params = req.to_sampling_params()
+        params = self.s.sampling_params(req)
         rid = new_id("chatcmpl")
         text, ids = self.s.chat_prompt(req)
         prepared = [Prepared(rid, text, ids)]
-        return rid, prepared, self.s.start(prepared, params, req.stream, arrival)
+        return rid, prepared, self.s.start(prepared, params, req.stream, arrival, req.aliases())
 
     def _k(self, req: ChatCompletionRequest) -> int:
         return req.top_logprobs or 0

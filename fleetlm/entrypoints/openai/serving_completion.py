@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from fleetlm.entrypoints.openai.logprobs import completion_logprobs
 from fleetlm.entrypoints.openai.protocol import CompletionRequest
 from fleetlm.entrypoints.openai.serving import (
     SSE_DONE,
@@ -12,7 +13,6 @@ from fleetlm.entrypoints.openai.serving import (
     check_error,
     close_all,
     collect,
-    completion_logprobs,
     engine_error,
     merged,
     new_id,
@@ -28,10 +28,10 @@ class CompletionHandler:
         self.s = serving
 
     def prepare(self, req: CompletionRequest, arrival: float):
-        params = req.to_sampling_params()
+        params = self.s.sampling_params(req)
         rid = new_id("cmpl")
         prepared = [Prepared(f"{rid}-{i}", text, ids) for i, (text, ids) in enumerate(self.s.completion_prompts(req))]
-        streams = self.s.start(prepared, params, req.stream, arrival)
+        streams = self.s.start(prepared, params, req.stream, arrival, req.aliases())
         return rid, prepared, streams
 
     async def full(self, req: CompletionRequest, rid: str, prepared: list[Prepared], streams) -> dict:
