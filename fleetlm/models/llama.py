@@ -164,37 +164,28 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden)
 
     # -- weights ----------------------------------------------------------------------------------
-    def _param_for(self, name: str) -> tuple[str, str | int | None] | None:
-        """Our parameter name and shard id for a checkpoint tensor; None if it belongs to
-        another pipeline stage. ``ValueError`` if no part of this model has such a tensor."""
-        cfg = self.config
-        if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and cfg.tie_word_embeddings):
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                return None  # tied: the embedding is the head
-            targets = []
-            if name == "model.embed_tokens.weight" and not isinstance(self.model.embed_tokens, PPMissingLayer):
-                targets.append("model.embed_tokens.weight")
-            if not isinstance(self.lm_head, PPMissingLayer) and self.lm_head.weight is not getattr(
-                    self.model.embed_tokens, "weight", None):
-                targets.append("lm_head.weight")
-            return ("|".join(targets), None) if targets else None
+    def _targets(self, name: str) -> list[tuple[str, str | int | None]]:
+        """Our (parameter, shard id) pairs that checkpoint tensor ``name`` fills on this rank;
+        empty when it belongs to another pipeline stage."""
+        cfg, st = self.config, parallel_state()
         m = _LAYER.match(name)
         if m and int(m.group(1)) >= cfg.num_layers:
             raise ValueError(f"unexpected weight {name!r}: the model has {cfg.num_layers} layers")
+        if m and int(m.group(1)) not in self.model.layer_range:
+            return []
+        if name == "lm_head.weight":
+            return [] if cfg.tie_word_embeddings or not st.is_last_stage else [(name, None)]
+        if name == "model.embed_tokens.weight":
+            out = [(name, None)] if st.is_first_stage else []
+            if cfg.tie_word_embeddings and st.is_last_stage and not st.is_first_stage:
+                out.append(("lm_head.weight", None))  # tied head on a stage without the embedding
+            return out
+        if name.startswith("model.norm.") and not st.is_last_stage:
+            return []
         for hf, ours, shard in _STACKED:
             if f".{hf}." in name:
-                return self._local(name.replace(f".{hf}.", f".{ours}."), shard)
-        return self._local(name, None)
-
-    def _local(self, name: str, shard: str | int | None) -> tuple[str, str | int | None] | None:
-        m = _LAYER.match(name)
-        if m and int(m.group(1)) not in self.model.layer_range:
-            return None
-        if name.startswith("model.embed_tokens.") and isinstance(self.model.embed_tokens, PPMissingLayer):
-            return None
-        if name.startswith("model.norm.") and isinstance(self.model.norm, PPMissingLayer):
-            return None
-        return name, shard
+                return [(name.replace(f".{hf}.", f".{ours}."), shard)]
+        return [(name, None)]
 
     def _expected(self) -> set[tuple[str, str | int | None]]:
         out: set[tuple[str, str | int | None]] = set()
@@ -215,11 +206,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            target = self._param_for(name)
-            if target is None:
-                continue  # another pipeline stage's tensor
-            ours, shard = target
-            for pname in ours.split("|"):
+            for pname, shard in self._targets(name):
                 if pname not in params:
                     raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
                 module = self.get_submodule(pname.rsplit(".", 1)[0])
