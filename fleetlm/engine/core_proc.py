@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import traceback
 
 import msgspec
@@ -31,6 +32,7 @@ from fleetlm.sampling_params import SamplingParams
 logger = logging.getLogger("fleetlm")
 
 IDLE_POLL_MS = 500  # how often an idle core checks that its parent is alive
+HEALTH_CHECK_S = 0.5  # how often the core checks its worker processes (a busy one also finds out in a step)
 
 
 class NewRequest(msgspec.Struct, array_like=True):
@@ -135,10 +137,14 @@ class EngineCoreLoop:
         self.running = True
 
     def run(self) -> None:
+        last_check = time.monotonic()
         while self.running:
             got_input = self._drain_inputs()
             if not self.running:
                 return
+            if time.monotonic() - last_check > HEALTH_CHECK_S:  # a dead worker rank is found even when idle
+                self.core.executor.check_health()
+                last_check = time.monotonic()
             outputs = self.core.step()
             if outputs or got_input or self.core.has_unfinished_requests():
                 self.out.send(self.enc.encode(CoreOutputs(outputs, self.core.stats())))
@@ -155,7 +161,6 @@ class EngineCoreLoop:
                     return got
                 if timeout == 0:
                     return got
-                self.core.executor.check_health()  # idle: a dead worker rank is found within a poll
                 continue
             self._handle(self.dec.decode(self.inp.recv()))
             got = True
