@@ -8,7 +8,12 @@ no run hits another's prefix cache):
 - shared prefix: 4 groups of a 512-token prefix + 64 own tokens, 64 output tokens, at the
   light rate of that workload.
 The simulator gets the same flags and seed, so the same lengths and send times
-(`fleetlm/bench/serve_datasets.py`).
+(`fleetlm/bench/serve_datasets.py`). It runs twice: with the engine profile as measured, and
+with that profile's serving path calibrated (`fleetlm/sim/calibrate.py`) on a separate
+calibration run (random 256/128 at 50% of capacity, 32 prompts, its own seed). A third column separates the simulator's own error from
+the server's: the same requests (same token ids, same send times) replayed in-process into an
+`EngineCore` in real time (add what has arrived, step, record token times: no HTTP, no
+detokenization, no other process).
 
     python benchmarks/sim_fidelity.py --out benchmarks/sim_fidelity.json        # profile + serve + compare
     python benchmarks/sim_fidelity.py --out ... --profile benchmarks/sim_profile_cpu.json   # reuse a profile
@@ -68,14 +73,20 @@ def sim_args(flags: list[str], rate: float, seed: int, n: int) -> list[str]:
     return [*flags, "--request-rate", str(rate), "--seed", str(seed), "--num-prompts", str(n)]
 
 
-def simulate(profile: str, flags: list[str], rate: float, seed: int, n: int) -> dict:
+def arrivals_for(flags: list[str], rate: float, seed: int, n: int):
     from fleetlm.entrypoints.cli import build_parser
-    from fleetlm.sim import FleetConfig, load_profile
-    from fleetlm.sim import simulate as run_sim
     from fleetlm.sim.cli import workload_from_args
 
-    args = build_parser().parse_args(["sim", "--profile", profile, *sim_args(flags, rate, seed, n)])
-    res = run_sim(load_profile(profile), FleetConfig(), workload_from_args(args))
+    return workload_from_args(build_parser().parse_args(["sim", "--step-time-ms", "1", *sim_args(flags, rate, seed, n)]))
+
+
+def simulate(profile, flags: list[str], rate: float, seed: int, n: int) -> dict:
+    """Metrics of the simulated run (``profile``: a path or a ``Profile``)."""
+    from fleetlm.sim import FleetConfig, load_profile
+    from fleetlm.sim import simulate as run_sim
+
+    prof = load_profile(profile) if isinstance(profile, str) else profile
+    res = run_sim(prof, FleetConfig(), arrivals_for(flags, rate, seed, n))
     return res.remeasure((50.0, 90.0, 99.0), None)
 
 
@@ -94,7 +105,58 @@ def bench(url: str, flags: list[str], rate: float, seed: int, n: int, out: Path)
     return json.loads(out.read_text())
 
 
-def serve_all(args: argparse.Namespace, scen: list[dict]) -> list[dict]:
+def replay_all(args: argparse.Namespace, scen: list[dict]) -> None:
+    """Each scenario in-process, in real time, against one engine (the server's defaults)."""
+    from fleetlm import LLM
+
+    llm = LLM()
+    for s in scen:
+        s["replay_load_before"] = wait_quiet(args.max_load, args.max_wait)
+        m = replay(llm, s["flags"], s["rate"], s["seed"], args.num_prompts)
+        s["replayed"] = {k: m[k] for k in (*METRICS, "p99_ttft_ms", "mean_ttft_ms", "mean_tpot_ms",
+                                           "request_throughput", "completed")}
+        print(f"{s['name']}: replayed {json.dumps(s['replayed'])}", flush=True)
+
+
+def replay(llm, flags: list[str], rate: float, seed: int, n: int) -> dict:
+    from fleetlm.bench.serve_datasets import arrival_offsets, build_requests
+    from fleetlm.bench.serve_metrics import RequestResult, calculate_metrics
+    from fleetlm.entrypoints.cli import build_parser
+    from fleetlm.request import Request
+    from fleetlm.sampling_params import SamplingParams
+
+    args = build_parser().parse_args(["bench", "serve", *sim_args(flags, rate, seed, n)])
+    reqs = build_requests(args)
+    send = arrival_offsets(len(reqs), rate, 1.0, seed).tolist()
+    core, eos = llm.engine.core, tuple(llm.engine.tokenizer.eos_token_ids)
+    res = [RequestResult(prompt_len=r.prompt_len or 0) for r in reqs]
+    t0, i = time.perf_counter(), 0
+    while i < len(reqs) or core.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while i < len(reqs) and send[i] <= now:
+            sp = SamplingParams(max_tokens=reqs[i].output_len, temperature=0.0, ignore_eos=True)
+            core.add_request(Request(f"replay-{seed}-{i}", list(reqs[i].prompt), sp, eos_token_ids=eos))
+            res[i].start_time = t0 + send[i]
+            i += 1
+        if not core.has_unfinished_requests():
+            time.sleep(max(0.0, send[i] - now))
+            continue
+        outs = core.step()
+        t = time.perf_counter()
+        for o in outs:
+            r = res[int(o.request_id.rsplit("-", 1)[1])]
+            for _ in o.new_token_ids:
+                if r.output_tokens == 0:
+                    r.ttft = t - r.start_time
+                else:
+                    r.itl.append(t - r.start_time - r.latency)
+                r.latency = t - r.start_time
+                r.output_tokens += 1
+            r.success = r.success or o.finish_reason is not None
+    return calculate_metrics(res, time.perf_counter() - t0, percentiles=[50.0, 90.0, 99.0])
+
+
+def serve_all(args: argparse.Namespace, scen: list[dict], calib: dict) -> list[dict]:
     url = f"http://127.0.0.1:{args.port}"
     cmd = f"{shlex.quote(sys.executable)} -m fleetlm.entrypoints.cli serve --port {args.port}"
     log = Path(tempfile.gettempdir()) / f"sim_fidelity_serve_{os.getpid()}.log"
@@ -102,12 +164,12 @@ def serve_all(args: argparse.Namespace, scen: list[dict]) -> list[dict]:
     proc = subprocess.Popen(["bash", "-c", cmd], stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(url, proc)
-        for s in scen:
+        for s in [calib, *scen]:
             s["load_before"] = wait_quiet(args.max_load, args.max_wait)
             out = Path(tempfile.gettempdir()) / f"sim_fidelity_{s['seed']}.json"
-            m = bench(url, s["flags"], s["rate"], s["seed"], args.num_prompts, out)
+            m = bench(url, s["flags"], s["rate"], s["seed"], s.get("num_prompts", args.num_prompts), out)
             s["measured"] = {k: m[k] for k in (*METRICS, "p99_ttft_ms", "mean_ttft_ms", "mean_tpot_ms",
-                                               "request_throughput", "completed")}
+                                               "median_ttft_ms", "median_tpot_ms", "request_throughput", "completed")}
             print(f"{s['name']}: measured {json.dumps(s['measured'])}", flush=True)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -115,19 +177,42 @@ def serve_all(args: argparse.Namespace, scen: list[dict]) -> list[dict]:
     return scen
 
 
-def compare(profile: str, scen: list[dict], n: int) -> None:
+def calibrate(profile: str, calib: dict, out: str):
+    """The profile with its serving path fitted to the calibration run (not an evaluated one)."""
+    from fleetlm.sim import load_profile
+    from fleetlm.sim.calibrate import calibrate_serving
+
+    arr = arrivals_for(calib["flags"], calib["rate"], calib["seed"], calib["num_prompts"])
+    tuned = calibrate_serving(load_profile(profile), arr, calib["measured"])
+    tuned.save(out)
+    print(f"calibrated on {calib['name']}: serve_per_token {tuned.serve_per_token_s * 1e6:.0f} us, "
+          f"frontend {tuned.frontend_s * 1e3:.1f} ms -> {out}", flush=True)
+    return tuned
+
+
+def compare(profile: str, tuned, scen: list[dict], n: int) -> None:
+    keep = (*METRICS, "p99_ttft_ms", "mean_ttft_ms", "mean_tpot_ms", "request_throughput", "completed")
     for s in scen:
-        sim = simulate(profile, s["flags"], s["rate"], s["seed"], n)
-        s["simulated"] = {k: sim[k] for k in (*METRICS, "p99_ttft_ms", "mean_ttft_ms", "mean_tpot_ms",
-                                              "request_throughput", "completed")}
-        s["error"] = {k: (s["simulated"][k] - s["measured"][k]) / s["measured"][k] for k in METRICS}
+        raw = simulate(profile, s["flags"], s["rate"], s["seed"], n)
+        cal = simulate(tuned, s["flags"], s["rate"], s["seed"], n)
+        s["simulated"] = {k: raw[k] for k in keep}
+        s["simulated_calibrated"] = {k: cal[k] for k in keep}
+        s["error"] = {k: (cal[k] - s["measured"][k]) / s["measured"][k] for k in METRICS}
+        s["error_engine_profile"] = {k: (raw[k] - s["measured"][k]) / s["measured"][k] for k in METRICS}
+        if "replayed" in s:
+            s["error_vs_replay"] = {k: (raw[k] - s["replayed"][k]) / s["replayed"][k] for k in METRICS}
 
 
 def table(scen: list[dict]) -> str:
-    rows = ["| scenario | rate req/s | " + " | ".join(f"{k} measured / simulated (error)" for k in METRICS) + " |",
-            "|---|---|" + "---|" * len(METRICS)]
+    """Per metric: served (measured) / replayed in-process / simulated with the engine profile /
+    simulated with the calibrated profile; errors: calibrated vs served, engine profile vs replay."""
+    head = " | ".join(f"{k}: served / replay / sim / sim calibrated (err vs served, sim vs replay)" for k in METRICS)
+    rows = [f"| scenario | rate req/s | {head} |", "|---|---|" + "---|" * len(METRICS)]
+    nan = float("nan")
     for s in scen:
-        cells = [f"{s['measured'][k]:,.0f} / {s['simulated'][k]:,.0f} ({s['error'][k]:+.1%})" for k in METRICS]
+        rep, raw, cal = s.get("replayed", {}), s["simulated"], s["simulated_calibrated"]
+        cells = [f"{s['measured'][k]:,.0f} / {rep.get(k, nan):,.0f} / {raw[k]:,.0f} / {cal[k]:,.0f} "
+                 f"({s['error'][k]:+.1%}, {s.get('error_vs_replay', {}).get(k, nan):+.1%})" for k in METRICS]
         rows.append(f"| {s['name']} | {s['rate']:g} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -141,10 +226,12 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--max-load", type=float, default=0.5)
     p.add_argument("--max-wait", type=float, default=600.0)
+    p.add_argument("--no-replay", action="store_true", help="skip the in-process replay column")
     args = p.parse_args()
+    tuned_path = str(ROOT / "benchmarks" / "sim_profile_cpu_served.json")
     if args.compare_only:
         doc = json.loads(Path(args.compare_only).read_text())
-        profile, scen = args.profile or doc["profile"], doc["scenarios"]
+        profile, scen, calib = args.profile or doc["profile"], doc["scenarios"], doc["calibration"]
     else:
         profile = args.profile or str(ROOT / "benchmarks" / "sim_profile_cpu.json")
         if not args.profile:
@@ -154,10 +241,17 @@ def main() -> int:
         rnd = ["--dataset-name", "random", "--random-input-len", "256", "--random-output-len", "128"]
         sp = ["--dataset-name", "shared-prefix", "--shared-prefix-len", "512", "--suffix-len", "64",
               "--num-prefixes", "4", "--random-output-len", "64"]
-        scen = serve_all(args, scenarios(capacity(profile, rnd, args.num_prompts), capacity(profile, sp, args.num_prompts)))
-    compare(profile, scen, args.num_prompts)
-    doc = {"profile": profile, "num_prompts": args.num_prompts, "machine": platform.processor() or platform.machine(),
-           "scenarios": scen}
+        cap = capacity(profile, rnd, args.num_prompts)
+        scen = scenarios(cap, capacity(profile, sp, args.num_prompts))
+        calib = {"name": "random 256/128, calibration (50% of capacity, 32 prompts)", "flags": rnd,
+                 "rate": round(0.5 * cap, 2), "seed": 10, "num_prompts": 32}
+        if not args.no_replay:
+            replay_all(args, scen)
+        serve_all(args, scen, calib)
+    tuned = calibrate(profile, calib, tuned_path)
+    compare(profile, tuned, scen, args.num_prompts)
+    doc = {"profile": profile, "calibrated_profile": tuned_path, "num_prompts": args.num_prompts,
+           "machine": platform.processor() or platform.machine(), "calibration": calib, "scenarios": scen}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(table(scen))
     return 0

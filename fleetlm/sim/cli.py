@@ -35,6 +35,8 @@ def add_profile_source_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-model-len", type=int)
     e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     e.add_argument("--frontend-ms", type=float, help="client <-> engine latency added to TTFT and E2EL")
+    e.add_argument("--serve-per-token-us", type=float, help="serving work per streamed token taken from the "
+                   "engine's cores (CPU serving; see fleetlm.sim.calibrate)")
 
 
 def profile_from_args(args: argparse.Namespace):
@@ -65,10 +67,12 @@ def profile_from_args(args: argparse.Namespace):
     prof = prof.with_engine(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             num_blocks=args.num_blocks, max_model_len=args.max_model_len,
                             enable_prefix_caching=args.enable_prefix_caching)
-    if args.frontend_ms is not None:
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if args.frontend_ms is not None:
         prof = replace(prof, frontend_s=args.frontend_ms / 1e3)
+    if args.serve_per_token_us is not None:
+        prof = replace(prof, serve_per_token_s=args.serve_per_token_us / 1e6)
     return prof
 
 

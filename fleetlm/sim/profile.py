@@ -58,6 +58,7 @@ class Profile:
     dtype: str = "bf16"
     kv_bytes_per_token: int = 0  # whole replica, for P/D transfer times
     frontend_s: float = 0.0  # request in + token out between client and engine, added to TTFT/E2EL
+    serve_per_token_s: float = 0.0  # serving work per streamed token on the engine's cores (CPU serving)
     assumptions: tuple[str, ...] = ()
     fit: dict[str, Any] = field(default_factory=dict)
     samples: tuple[tuple[float, ...], ...] = ()  # measured: (*StepShape, seconds)
@@ -69,7 +70,10 @@ class Profile:
         return self.tp * self.pp
 
     def step_time(self, shape: StepShape) -> float:
-        return self.step.time(shape)
+        """The step model, plus ``serve_per_token_s`` per sampled row: where the server's front
+        end and clients share the engine's cores (CPU serving), their work per streamed token
+        (detokenize, SSE, HTTP) takes that long from the step (``sim/calibrate.py``)."""
+        return self.step.time(shape) + self.serve_per_token_s * shape.sampled
 
     def with_engine(self, **changes: Any) -> Profile:
         """The same profile with some engine limits changed (``None`` values are ignored)."""
@@ -119,7 +123,7 @@ def profile_from_json(d: Any, where: str = "profile") -> Profile:
         engine = EngineLimits(**d.get("engine", {}))
     except (TypeError, ValueError) as e:
         raise ProfileError(f"{where}: {e}") from None
-    known = {"tp", "pp", "dtype", "kv_bytes_per_token", "frontend_s", "fit", "machine", "created"}
+    known = {"tp", "pp", "dtype", "kv_bytes_per_token", "frontend_s", "serve_per_token_s", "fit", "machine", "created"}
     extra = {k: d[k] for k in known if k in d}
     return Profile(str(d["model"]), str(d["hardware"]), str(d["source"]), step, engine,
                    assumptions=tuple(d.get("assumptions", ())),

@@ -6,13 +6,15 @@ every step is read from the ``SchedulerOutput`` it scheduled (the scheduler's ``
 wrapped on this one instance; no engine file changes). Batches are controlled:
 
 1. prefill-only steps of one prompt of 16 ... 2048 tokens (and of several prompts at once);
-2. decode "ladders": B requests of one context length whose ``max_tokens`` are staggered so
+2. prefills that hit a cached prefix of 256 or 1,024 tokens (1 or 4 prompts of 16 or 128 own
+   tokens): the path with cached context;
+3. decode "ladders": B requests of one context length whose ``max_tokens`` are staggered so
    the batch halves every few steps (B, B/2, ..., 1), at short, medium and long contexts;
    their prefills are multi-prompt (and chunked) prefill samples too;
-3. mixed steps: prompts injected while a ladder decodes.
+4. mixed steps: prompts injected while a ladder decodes.
 
-Prompts are random token ids, each distinct (no prefix-cache hits). The samples are fitted by
-``profile_fit.fit_table_model``.
+Prompts are random token ids, distinct except for the prefixes of (2). The samples are fitted
+by ``profile_fit.fit_table_model``.
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ class _Runner:
 
         sched.schedule = schedule  # this instance only
 
-    def add(self, prompt_len: int, max_tokens: int) -> None:
+    def tokens(self, n: int) -> list[int]:
+        return self.rng.integers(1000, 40000, n).tolist()
+
+    def add(self, prompt_len: int, max_tokens: int, prefix: list[int] | None = None) -> None:
         from fleetlm.request import Request
         from fleetlm.sampling_params import SamplingParams
 
         self._ids += 1
-        prompt = self.rng.integers(1000, 40000, prompt_len).tolist()
+        prompt = (prefix or []) + self.tokens(prompt_len)
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         self.core.add_request(Request(f"profile-{self._ids}", prompt, sp, eos_token_ids=self.eos))
 
@@ -89,19 +94,33 @@ def _ladder(r: _Runner, batch: int, ctx: int, steps_per_rung: int, inject: tuple
     r.drain(inject=inject)
 
 
+def _prefix_hits(r: _Runner, prefix_len: int, own: int, count: int) -> None:
+    """Compute a prefix once (not recorded), then ``count`` prompts that hit it, in one step."""
+    prefix = r.tokens(prefix_len)
+    r.add(16, 1, prefix)
+    r.drain(record=False)
+    for _ in range(count):
+        r.add(own, 1, prefix)
+    r.drain()
+
+
 def plan_runs(quick: bool, max_tokens: int, max_seqs: int) -> list[tuple[str, tuple]]:
-    """The measured batches: ("prefill", (prompt_len, count)) or ("ladder", (batch, ctx, inject))."""
+    """The measured batches: ("prefill", (prompt_len, count)), ("prefix", (prefix_len, own,
+    count)) or ("ladder", (batch, ctx, inject))."""
     cap = lambda n: min(n, max_tokens)  # noqa: E731
     if quick:
         return [("prefill", (cap(32), 1)), ("prefill", (cap(256), 1)), ("prefill", (cap(1024), 1)),
-                ("ladder", (min(16, max_seqs), 64, None)), ("ladder", (min(4, max_seqs), 512, (3, cap(256))))]
+                ("prefix", (256, 64, 2)), ("ladder", (min(16, max_seqs), 64, None)),
+                ("ladder", (min(4, max_seqs), 512, (3, cap(256))))]
     runs: list[tuple[str, tuple]] = []
     for _ in range(2):
         runs += [("prefill", (cap(n), 1)) for n in (16, 64, 128, 256, 512, 1024, 2048)]
     runs += [("prefill", (cap(n), k)) for n, k in ((64, 4), (128, 8), (512, 4))]
-    runs += [("ladder", (min(128, max_seqs), 64, (6, cap(768)))),
-             ("ladder", (min(32, max_seqs), 512, (5, cap(256)))),
-             ("ladder", (min(8, max_seqs), 1536, None))]
+    runs += [("prefix", (p, own, k)) for p in (256, 1024) for own in (16, 128) for k in (1, 4)]
+    for _ in range(2):  # twice: the fit averages the noise of a shared machine
+        runs += [("ladder", (min(128, max_seqs), 64, (6, cap(768)))),
+                 ("ladder", (min(32, max_seqs), 512, (5, cap(256)))),
+                 ("ladder", (min(8, max_seqs), 1536, None))]
     return runs
 
 
@@ -126,6 +145,8 @@ def measure_profile(model: str, engine_kwargs: dict[str, Any], quick: bool = Fal
             for _ in range(p[1]):
                 r.add(p[0], 1)
             r.drain()
+        elif kind == "prefix":
+            _prefix_hits(r, *p)
         else:
             _ladder(r, p[0], p[1], 2 if quick else 4, p[2])
         log(f"fleetlm profile: {kind} {p}: {len(r.times)} steps measured, {time.perf_counter() - t0:.1f} s")
@@ -138,8 +159,9 @@ def measure_profile(model: str, engine_kwargs: dict[str, Any], quick: bool = Fal
         engine, tp=getattr(args, "tensor_parallel_size", 1), pp=1, dtype=str(llm.engine.dtype).removeprefix("torch."),
         kv_bytes_per_token=int(kv_bytes), frontend_s=frontend_s,
         assumptions=("step time = EngineCore.step() wall time, measured on this machine",
-                     "steps hold random distinct prompts (no prefix-cache hits while measuring)",
-                     "a step's time = base(tokens) + per sampled row + per decode KV token + per prefill pair"),
+                     "steps hold random prompts, distinct except for the measured prefix hits",
+                     "a step's time = base(tokens) + per sampled row + per decode KV token + per prefill pair "
+                     "(+ per (query, key) and per K/V token read back for chunks with cached context)"),
         fit=fit, samples=tuple((*s, t) for s, t in zip(r.shapes, r.times)),
         machine=f"{_cpu_name()}, {platform.system()} {platform.machine()}, {_threads()} threads",
         created=datetime.now().isoformat(timespec="seconds"))

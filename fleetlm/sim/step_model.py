@@ -12,13 +12,17 @@ profile`` records shapes and times) and for the simulator (which turns shapes in
 - ``pairs``: sum over prefill chunks ``[s, e)`` of causal (query, key) pairs,
   ``sum_{p=s}^{e-1} (p + 1)``;
 - ``kv_tokens``: KV tokens read or written: a decode row reads its context; a chunk reads its
-  ``e`` tokens and writes ``e - s``.
+  ``e`` tokens and writes ``e - s``;
+- for prefill chunks with cached context (``s > 0``: a prefix-cache hit or a later chunk), which
+  engines often run on a slower path (K/V read back from the blocks, a masked attention):
+  ``ctx_pairs`` (their share of ``pairs``), ``ctx_rect`` (``(e - s) * e``, every (query, key)
+  of the rectangle a masked kernel computes) and ``ctx_kv`` (``e``, the K/V read back).
 
 Two models turn a shape into seconds:
 
 - ``TableStepModel`` (measured): ``base(tokens) + a_sampled * sampled + a_ctx * decode_ctx +
-  a_pairs * pairs``, ``base`` piecewise linear between measured token counts (knots), linear
-  beyond the last knot.
+  a_pairs * (pairs - ctx_pairs) + a_rect * ctx_rect + a_read * ctx_kv``, ``base`` piecewise
+  linear between measured token counts (knots), linear beyond the last knot.
 - ``RooflineStepModel`` (catalog GPUs): ``overhead + max(FLOPs / (peak * mfu), bytes / (bw *
   mbu)) + communication``, with FLOPs and bytes linear in the shape (coefficients taken from
   ``fleetlm.plan.roofline.step_cost``; weight bytes and communication tabulated over tokens).
@@ -38,6 +42,9 @@ class StepShape(NamedTuple):
     pairs: int = 0
     kv_tokens: int = 0
     seqs: int = 0
+    ctx_pairs: int = 0
+    ctx_rect: int = 0
+    ctx_kv: int = 0
 
 
 def chunk_pairs(start: int, end: int) -> int:
@@ -53,7 +60,7 @@ def shape_of(num_scheduled: dict[str, int], requests: dict[str, Any],
     ``transferred``: ids of requests whose prompt K/V arrived from elsewhere and whose prompt has
     not been scheduled yet here; their prompt tokens cost nothing (a decode row instead).
     """
-    tokens = sampled = decode_ctx = pairs = kv = 0
+    tokens = sampled = decode_ctx = pairs = kv = ctx_pairs = ctx_rect = ctx_kv = 0
     samples = []
     for rid, n in num_scheduled.items():
         r = requests[rid]
@@ -71,9 +78,15 @@ def shape_of(num_scheduled: dict[str, int], requests: dict[str, Any],
             kv += end
         else:
             tokens += n
-            pairs += (end * (end + 1) - start * (start + 1)) // 2
+            p = (end * (end + 1) - start * (start + 1)) // 2
+            pairs += p
             kv += end + n
-    return StepShape(tokens, sampled, decode_ctx, pairs, kv, len(num_scheduled)), samples
+            if start:
+                ctx_pairs += p
+                ctx_rect += n * end
+                ctx_kv += end
+    shape = StepShape(tokens, sampled, decode_ctx, pairs, kv, len(num_scheduled), ctx_pairs, ctx_rect, ctx_kv)
+    return shape, samples
 
 
 def _interp(knots: tuple[float, ...], values: tuple[float, ...], x: float) -> float:
@@ -88,7 +101,8 @@ def _interp(knots: tuple[float, ...], values: tuple[float, ...], x: float) -> fl
 @dataclass(frozen=True)
 class TableStepModel:
     """Measured: ``base(tokens) + per_sampled * sampled + per_decode_ctx * decode_ctx +
-    per_pair * pairs`` seconds (never below ``min_s``)."""
+    per_pair * (pairs - ctx_pairs) + per_ctx_rect * ctx_rect + per_ctx_kv * ctx_kv`` seconds
+    (never below ``min_s``)."""
 
     knots: tuple[float, ...]
     base_s: tuple[float, ...]
@@ -96,6 +110,8 @@ class TableStepModel:
     per_decode_ctx_s: float = 0.0
     per_pair_s: float = 0.0
     min_s: float = 0.0
+    per_ctx_rect_s: float = 0.0
+    per_ctx_kv_s: float = 0.0
 
     kind = "table"
 
@@ -107,7 +123,8 @@ class TableStepModel:
 
     def time(self, s: StepShape) -> float:
         t = (_interp(self.knots, self.base_s, s.tokens) + self.per_sampled_s * s.sampled
-             + self.per_decode_ctx_s * s.decode_ctx + self.per_pair_s * s.pairs)
+             + self.per_decode_ctx_s * s.decode_ctx + self.per_pair_s * (s.pairs - s.ctx_pairs)
+             + self.per_ctx_rect_s * s.ctx_rect + self.per_ctx_kv_s * s.ctx_kv)
         return max(t, self.min_s)
 
     def as_dict(self) -> dict[str, Any]:
