@@ -54,6 +54,7 @@ def plan_comm_per_step(model: str, tp: int, pp: int, batch: int, context: int) -
     """What the planner's roofline charges for one decode step's TP all-reduces and PP sends on
     a ``cpu`` machine (its defaults: 10 GB/s link, 20 us per collective)."""
     from fleetlm.models.hub import resolve_model
+    from fleetlm.plan.formats import weight_format
     from fleetlm.plan.hardware import get_hardware
     from fleetlm.plan.model_load import spec_from_config_file, spec_from_gguf
     from fleetlm.plan.roofline import Machine, step_cost
@@ -62,7 +63,7 @@ def plan_comm_per_step(model: str, tp: int, pp: int, batch: int, context: int) -
     path = resolve_model(model)
     spec = spec_from_config_file(path / "config.json") if path.is_dir() else spec_from_gguf(path)
     hw = get_hardware("cpu", mem_bandwidth=20e9, peak_flops=1e11)
-    return step_cost(Machine(spec, None, "bf16", hw, Layout(tp=tp, pp=pp)), "decode", batch, 1, context).t_comm_s
+    return step_cost(Machine(spec, weight_format("bf16"), "bf16", hw, Layout(tp=tp, pp=pp)), "decode", batch, 1, context).t_comm_s
 
 
 def run_layout(model: str, tp: int, pp: int, args) -> dict:

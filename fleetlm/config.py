@@ -161,6 +161,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_num_seqs: int
     max_model_len: int
+    max_concurrent_batches: int = 1  # steps in flight at once (pipeline stages)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ back to the head of the waiting queue.
 
 Steps in flight: with pipeline parallelism the engine keeps up to ``pp`` steps running at once.
 A request scheduled in a step stays *in flight* until ``update_from_output`` of that step; it is
-never scheduled again, nor preempted, before that (its next token is not known yet).
+never scheduled again, nor preempted, before that (its next token is not known yet). So that the
+stages overlap, a step then takes at most ``ceil(requests / pp)`` requests: the requests settle
+into ``pp`` groups that take turns, one group per stage.
 """
 
 from __future__ import annotations
@@ -139,8 +141,9 @@ class Scheduler:
         cached_reqs: list[CachedRequestData] = []
         preempted = False
 
+        cap = self._requests_per_step()
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(num_scheduled) < cap:
             req = self.running[i]
             if req.request_id in self._in_flight:
                 i += 1
@@ -164,7 +167,8 @@ class Scheduler:
             budget -= n
             i += 1
 
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs
+               and len(num_scheduled) < cap):
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_hit, budget)
@@ -199,6 +203,14 @@ class Scheduler:
         )
         self._finished_ids = set()
         return out
+
+    def _requests_per_step(self) -> int:
+        """All of them with one stage; with ``pp`` steps in flight, a ``1/pp`` share each."""
+        pp = self.config.max_concurrent_batches
+        if pp == 1:
+            return self.config.max_num_seqs
+        live = len(self.running) + min(len(self.waiting), self.config.max_num_seqs - len(self.running))
+        return max(1, -(-live // pp))
 
     def _pick_victim(self, first: int) -> Request | None:
         """The most recently admitted running request from index ``first`` on that is not in

@@ -34,7 +34,8 @@ class EngineCore:
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_cache(num_blocks)
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
-        sched = SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs, max_model_len)
+        sched = SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs, max_model_len,
+                                self.executor.max_concurrent_batches)
         self.scheduler = Scheduler(sched, self.cache_config)
         self.num_failed_steps = 0
         self.in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()

@@ -17,6 +17,7 @@ with work and nothing in flight is started by the caller at once (it never idles
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections import deque
 
@@ -34,7 +35,9 @@ class Replica:
         self.index = index
         self.pool = pool
         self.profile = profile
-        self.scheduler = Scheduler(*profile.engine.configs())
+        sched_cfg, cache_cfg = profile.engine.configs()  # the engine's step split under pp, too
+        self.scheduler = Scheduler(dataclasses.replace(sched_cfg, max_concurrent_batches=max(1, profile.pp)),
+                                   cache_cfg)
         self.requests: dict[str, Request] = {}
         self.transferred: set[str] = set()  # P/D: prompt K/V arrived, prompt not yet scheduled
         self.in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()

@@ -137,3 +137,21 @@ def test_stop_token_ids_and_min_tokens():
     outs = run_all(s)
     # fake model samples num_tokens+1: prompt len 3 -> first token 4, then 5, 6 -> stops at 6
     assert outs["x"] == [4, 5, 6] and r.status == RequestStatus.FINISHED_STOPPED and r.stop_reason == 6
+
+
+def test_pipeline_steps_in_flight_take_turns_and_never_overlap_a_request():
+    """pp = 2: requests split into two groups that alternate; a request in flight is never
+    scheduled again, and the new tokens reach the workers in the next step that holds it."""
+    s = Scheduler(SchedulerConfig(64, 8, 256, max_concurrent_batches=2), CacheConfig(4, 64, True))
+    for i in range(4):
+        s.add_request(req(f"r{i}", 3, max_tokens=3, start=10 * i))
+    a = s.schedule()
+    b = s.schedule()
+    assert len(a.num_scheduled_tokens) == len(b.num_scheduled_tokens) == 2
+    assert not set(a.num_scheduled_tokens) & set(b.num_scheduled_tokens)
+    assert s.schedule().is_empty and not s.has_schedulable()  # everything is in flight
+    s.update_from_output(a, fake_run(s, a))
+    c = s.schedule()
+    assert set(c.num_scheduled_tokens) == set(a.num_scheduled_tokens)  # a's group comes back
+    assert all(len(r.new_token_ids) == 1 for r in c.scheduled_cached_reqs)
+    assert a.step_id < b.step_id < c.step_id
