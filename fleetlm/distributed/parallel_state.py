@@ -100,6 +100,8 @@ def init_distributed(cfg: ParallelConfig, rank: int, device: torch.device, *, in
     if world == 1:
         _STATE = _SINGLE
         return _STATE
+    if device.type == "cuda":  # one GPU per local rank, before any NCCL call
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
     if not dist.is_initialized():
         dist.init_process_group(default_backend(device), init_method=init_method or "env://", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=timeout_s))

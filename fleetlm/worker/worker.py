@@ -36,6 +36,8 @@ class Worker:
         self.args = args
         self.dtype = dtype
         self.device = torch.device(args.resolved_device)
+        if self.device.type == "cuda":  # this rank's GPU (init_distributed chose it)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_model_len = max_model_len
         self.runner: ModelRunner | None = None
         self.step_seconds = 0.0
