@@ -45,17 +45,20 @@ from benchmarks.serve import wait_ready  # noqa: E402
 METRICS = ("p50_ttft_ms", "p90_ttft_ms", "p50_tpot_ms")
 
 
-def scenarios(capacity: float, prefix_capacity: float) -> list[dict]:
+def scenarios(capacity: float, prefix_capacity: float, repeats: int) -> list[dict]:
+    """Each scenario ``repeats`` times with its own seed (seed + 100 r): the spread between
+    repeats is the noise of the machine and of the workload draw."""
     base = ["--dataset-name", "random", "--random-input-len", "256", "--random-output-len", "128"]
     sp = ["--dataset-name", "shared-prefix", "--shared-prefix-len", "512", "--suffix-len", "64",
           "--num-prefixes", "4", "--random-output-len", "64"]
-    return [
+    one = [
         {"name": "random 256/128, light", "flags": base, "rate": round(0.25 * capacity, 2), "seed": 11},
         {"name": "random 256/128, near saturation", "flags": base, "rate": round(0.85 * capacity, 2), "seed": 12},
         {"name": "random 256/128, overloaded", "flags": base, "rate": round(1.5 * capacity, 2), "seed": 13},
         {"name": "shared prefix 4 x 512 + 64 / 64, light", "flags": sp, "rate": round(0.25 * prefix_capacity, 2),
          "seed": 14},
     ]
+    return [s | {"name": f"{s['name']} #{r + 1}", "seed": s["seed"] + 100 * r} for s in one for r in range(repeats)]
 
 
 def load1() -> float:
@@ -227,6 +230,7 @@ def main() -> int:
     p.add_argument("--max-load", type=float, default=0.5)
     p.add_argument("--max-wait", type=float, default=600.0)
     p.add_argument("--no-replay", action="store_true", help="skip the in-process replay column")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each scenario (own seeds)")
     args = p.parse_args()
     tuned_path = str(ROOT / "benchmarks" / "sim_profile_cpu_served.json")
     if args.compare_only:
@@ -242,7 +246,7 @@ def main() -> int:
         sp = ["--dataset-name", "shared-prefix", "--shared-prefix-len", "512", "--suffix-len", "64",
               "--num-prefixes", "4", "--random-output-len", "64"]
         cap = capacity(profile, rnd, args.num_prompts)
-        scen = scenarios(cap, capacity(profile, sp, args.num_prompts))
+        scen = scenarios(cap, capacity(profile, sp, args.num_prompts), args.repeats)
         calib = {"name": "random 256/128, calibration (50% of capacity, 32 prompts)", "flags": rnd,
                  "rate": round(0.5 * cap, 2), "seed": 10, "num_prompts": 32}
         if not args.no_replay:

@@ -2,8 +2,8 @@
 
 Unknowns: the base time at each token knot (a piecewise-linear "hat" basis over the step's
 token count) and the non-negative costs per sampled row, per decode KV token, per prefill pair,
-and, for prefill chunks with cached context, per (query, key) of their rectangle and per K/V
-token read back. Solved by non-negative least squares on relative error (each sample weighted
+for prefill chunks with cached context per (query, key) of their rectangle and per K/V token
+read back, and per prefill attention call (``StepShape.prefill_segments``). Solved by non-negative least squares on relative error (each sample weighted
 by 1 / its time), so a 20 ms decode step counts as much as a 1 s prefill. Then once more
 without the samples the first fit misses by more than 3 x its median error (at least 15%):
 on a shared machine a step that another process slowed is an outlier, not a cost.
@@ -74,8 +74,8 @@ def choose_knots(tokens: Sequence[int], max_knots: int = 10) -> tuple[float, ...
 
 def _features(shapes: Sequence[StepShape], knots: tuple[float, ...]) -> np.ndarray:
     tok = np.array([s.tokens for s in shapes], dtype=np.float64)
-    lin = np.array([[s.sampled, s.decode_ctx, s.pairs - s.ctx_pairs, s.ctx_rect, s.ctx_kv] for s in shapes],
-                   dtype=np.float64)
+    lin = np.array([[s.sampled, s.decode_ctx, s.pairs - s.ctx_pairs, s.ctx_rect, s.ctx_kv, s.prefill_segments]
+                    for s in shapes], dtype=np.float64)
     return np.concatenate([_hats(tok, np.asarray(knots)), lin], axis=1)
 
 
@@ -85,7 +85,8 @@ def _solve(x: np.ndarray, t: np.ndarray, knots: tuple[float, ...]) -> TableStepM
     c = nnls((x / scale) * w[:, None], t * w) / scale
     nk = len(knots)
     return TableStepModel(knots, tuple(float(v) for v in c[:nk]), float(c[nk]), float(c[nk + 1]), float(c[nk + 2]),
-                          min_s=float(t.min()) * 0.5, per_ctx_rect_s=float(c[nk + 3]), per_ctx_kv_s=float(c[nk + 4]))
+                          min_s=float(t.min()) * 0.5, per_ctx_rect_s=float(c[nk + 3]), per_ctx_kv_s=float(c[nk + 4]),
+                          per_prefill_segment_s=float(c[nk + 5]))
 
 
 def fit_table_model(shapes: Sequence[StepShape], times: Sequence[float],

@@ -16,13 +16,17 @@ profile`` records shapes and times) and for the simulator (which turns shapes in
 - for prefill chunks with cached context (``s > 0``: a prefix-cache hit or a later chunk), which
   engines often run on a slower path (K/V read back from the blocks, a masked attention):
   ``ctx_pairs`` (their share of ``pairs``), ``ctx_rect`` (``(e - s) * e``, every (query, key)
-  of the rectangle a masked kernel computes) and ``ctx_kv`` (``e``, the K/V read back).
+  of the rectangle a masked kernel computes) and ``ctx_kv`` (``e``, the K/V read back);
+- ``prefill_segments``: prefill chunks that run one attention call each: all of them unless they
+  are two or more of equal length and none has cached context (then one batched call, as
+  fleetlm's CPU attention backends do it, ``attention/torch_paged.py``).
 
 Two models turn a shape into seconds:
 
 - ``TableStepModel`` (measured): ``base(tokens) + a_sampled * sampled + a_ctx * decode_ctx +
-  a_pairs * (pairs - ctx_pairs) + a_rect * ctx_rect + a_read * ctx_kv``, ``base`` piecewise
-  linear between measured token counts (knots), linear beyond the last knot.
+  a_pairs * (pairs - ctx_pairs) + a_rect * ctx_rect + a_read * ctx_kv + a_seg *
+  prefill_segments``, ``base`` piecewise linear between measured token counts (knots), linear
+  beyond the last knot.
 - ``RooflineStepModel`` (catalog GPUs): ``overhead + max(FLOPs / (peak * mfu), bytes / (bw *
   mbu)) + communication``, with FLOPs and bytes linear in the shape (coefficients taken from
   ``fleetlm.plan.roofline.step_cost``; weight bytes and communication tabulated over tokens).
@@ -45,6 +49,7 @@ class StepShape(NamedTuple):
     ctx_pairs: int = 0
     ctx_rect: int = 0
     ctx_kv: int = 0
+    prefill_segments: int = 0
 
 
 def chunk_pairs(start: int, end: int) -> int:
@@ -60,7 +65,8 @@ def shape_of(num_scheduled: dict[str, int], requests: dict[str, Any],
     ``transferred``: ids of requests whose prompt K/V arrived from elsewhere and whose prompt has
     not been scheduled yet here; their prompt tokens cost nothing (a decode row instead).
     """
-    tokens = sampled = decode_ctx = pairs = kv = ctx_pairs = ctx_rect = ctx_kv = 0
+    tokens = sampled = decode_ctx = pairs = kv = ctx_pairs = ctx_rect = ctx_kv = chunks = 0
+    lens: set[int] = set()
     samples = []
     for rid, n in num_scheduled.items():
         r = requests[rid]
@@ -81,11 +87,15 @@ def shape_of(num_scheduled: dict[str, int], requests: dict[str, Any],
             p = (end * (end + 1) - start * (start + 1)) // 2
             pairs += p
             kv += end + n
+            chunks += 1
+            lens.add(n)
             if start:
                 ctx_pairs += p
                 ctx_rect += n * end
                 ctx_kv += end
-    shape = StepShape(tokens, sampled, decode_ctx, pairs, kv, len(num_scheduled), ctx_pairs, ctx_rect, ctx_kv)
+    segments = 0 if chunks > 1 and len(lens) == 1 and not ctx_kv else chunks
+    shape = StepShape(tokens, sampled, decode_ctx, pairs, kv, len(num_scheduled), ctx_pairs, ctx_rect, ctx_kv,
+                      segments)
     return shape, samples
 
 
@@ -112,6 +122,7 @@ class TableStepModel:
     min_s: float = 0.0
     per_ctx_rect_s: float = 0.0
     per_ctx_kv_s: float = 0.0
+    per_prefill_segment_s: float = 0.0
 
     kind = "table"
 
@@ -124,7 +135,8 @@ class TableStepModel:
     def time(self, s: StepShape) -> float:
         t = (_interp(self.knots, self.base_s, s.tokens) + self.per_sampled_s * s.sampled
              + self.per_decode_ctx_s * s.decode_ctx + self.per_pair_s * (s.pairs - s.ctx_pairs)
-             + self.per_ctx_rect_s * s.ctx_rect + self.per_ctx_kv_s * s.ctx_kv)
+             + self.per_ctx_rect_s * s.ctx_rect + self.per_ctx_kv_s * s.ctx_kv
+             + self.per_prefill_segment_s * s.prefill_segments)
         return max(t, self.min_s)
 
     def as_dict(self) -> dict[str, Any]:

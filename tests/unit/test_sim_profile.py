@@ -25,7 +25,9 @@ def test_shape_of_a_mixed_step():
     assert samples == [True, False, True, True]
     assert shape == StepShape(tokens=1 + 64 + 36, sampled=3, decode_ctx=13 + 51,
                               pairs=chunk_pairs(0, 64) + chunk_pairs(64, 100), kv_tokens=13 + 128 + 136 + 51, seqs=4,
-                              ctx_pairs=chunk_pairs(64, 100), ctx_rect=36 * 100, ctx_kv=100)
+                              ctx_pairs=chunk_pairs(64, 100), ctx_rect=36 * 100, ctx_kv=100, prefill_segments=2)
+    uniform, _ = shape_of({"a": 8, "b": 8}, {"a": R(8, 8), "b": R(8, 8)})
+    assert uniform.prefill_segments == 0  # equal lengths, no context: one batched call
     assert chunk_pairs(0, 4) == 10 and chunk_pairs(2, 4) == 7
 
 
