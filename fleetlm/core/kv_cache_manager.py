@@ -123,12 +123,17 @@ class KVCacheManager:
             if block.pending_step == step_id:
                 block.pending_step = None
 
-    def rollback(self, step_id: int) -> None:
-        """The step failed: withdraw what it inserted in the prefix cache."""
+    def rollback(self, step_id: int) -> set[int]:
+        """The step failed: withdraw what it inserted in the prefix cache. Returns the ids of
+        the withdrawn blocks (their K/V was never written, also for requests of that step that
+        hit them)."""
+        withdrawn = set()
         for block in self._pending.pop(step_id, []):
             if block.pending_step == step_id:
                 self.pool.uncache(block)
+                withdrawn.add(block.block_id)
         self._num_walked.clear()  # offer them again once they are really computed
+        return withdrawn
 
     def free(self, req: Request) -> None:
         """Return all of ``req``'s blocks (tail first, so tails are evicted before shared heads)."""

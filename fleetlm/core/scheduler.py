@@ -78,7 +78,7 @@ class Scheduler:
 
     def add_request(self, req: Request) -> None:
         self.check_request(req)
-        if req.request_id in self.requests:
+        if req.request_id in self.requests or req.request_id in self._in_flight:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         self.waiting.append(req)
@@ -104,21 +104,27 @@ class Scheduler:
             num_tokens_seen=self.num_tokens_seen,
         )
 
-    def split_step(self, so: SchedulerOutput) -> list[SchedulerOutput]:
+    def split_step(self, so: SchedulerOutput, withdrawn: set[int] = frozenset()) -> list[SchedulerOutput]:
         """After ``so`` failed in the workers: the same work as one step per request, each
         rebuilding its request's worker state from scratch (the failed step may have left it
-        half-updated), so a request that fails again fails alone."""
-        finished = set(so.finished_req_ids)
-        subs = []
+        half-updated), so a request that fails again fails alone. A request whose prefix hit
+        blocks of ``withdrawn`` (inserted by that step, never written) recomputes from the
+        first of them. Requests aborted meanwhile are skipped."""
+        bs, subs = self.cache_config.block_size, []
         for rid, n in so.num_scheduled_tokens.items():
-            req = self.requests[rid]
-            req.num_computed_tokens -= n  # as before the step: the worker recomputes those n
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            before = req.num_computed_tokens - n
+            blocks = self.kv.block_ids(rid)
+            unwritten = [i * bs for i, b in enumerate(blocks) if b in withdrawn and i * bs < before]
+            start = min(unwritten, default=before)
+            req.num_computed_tokens = start  # as before the step: the worker recomputes from here
             data = self.new_request_data(rid)
             self._on_workers[rid] = len(req.output_token_ids)
-            req.num_computed_tokens += n
-            subs.append(SchedulerOutput([data], [], {rid: n}, n, finished_req_ids=finished | {rid},
-                                        step_id=so.step_id))
-            finished = set()
+            n += before - start
+            req.num_computed_tokens = start + n
+            subs.append(SchedulerOutput([data], [], {rid: n}, n, finished_req_ids={rid}, step_id=so.step_id))
         return subs
 
     def new_request_data(self, rid: str) -> NewRequestData:

@@ -75,12 +75,12 @@ class EngineCore:
         except EngineDeadError:
             raise
         except Exception as e:
-            sched.kv.rollback(so.step_id)  # nothing was written: no prefix hit may point there
+            withdrawn = sched.kv.rollback(so.step_id)  # nothing was written: no prefix hit may point there
             self._drain()
             logger.warning("step failed (%s); retrying its %d request(s) one at a time",
                            _describe(e), len(so.num_scheduled_tokens))
             self.num_failed_steps += 1
-            result = self._run_isolated(so)
+            result = self._run_isolated(so, withdrawn)
         except BaseException:
             sched.kv.rollback(so.step_id)
             raise
@@ -101,18 +101,18 @@ class EngineCore:
             except EngineDeadError:
                 raise
             except Exception as e:  # noqa: BLE001 - handled like any failed step
-                self.scheduler.kv.rollback(so.step_id)
+                withdrawn = self.scheduler.kv.rollback(so.step_id)
                 logger.warning("step failed (%s); retrying its requests one at a time", _describe(e))
-                result = self._run_isolated(so)
+                result = self._run_isolated(so, withdrawn)
             else:
                 self.scheduler.kv.commit(so.step_id)
             self._deferred.extend(self.scheduler.update_from_output(so, result))
 
-    def _run_isolated(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def _run_isolated(self, so: SchedulerOutput, withdrawn: set[int]) -> ModelRunnerOutput:
         """Run a failed step's requests one per step: one bad request fails alone (its error
         is reported, finish_reason "error"); the others get their tokens as usual."""
         merged = ModelRunnerOutput([], [])
-        for sub in self.scheduler.split_step(so):
+        for sub in self.scheduler.split_step(so, withdrawn):
             (rid,) = sub.num_scheduled_tokens
             try:
                 out = self.executor.execute_model(sub)

@@ -73,6 +73,17 @@ class LinearBase(nn.Module):
         return "bias" if param is self.bias else "weight"
 
 
+def _check_full(loaded: torch.Tensor, rows: int, cols: int | None, what: str) -> None:
+    """The checkpoint tensor must have its full (unsharded) shape before a rank slices it."""
+    want = (rows,) if cols is None else (rows, cols)
+    if tuple(loaded.shape) != want:
+        raise ValueError(f"{what} has shape {tuple(loaded.shape)}, expected {want}")
+
+
+def _cols(param: nn.Parameter) -> int | None:
+    return None if param.dim() == 1 else param.shape[1]
+
+
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"{what} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
@@ -103,6 +114,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         rows = param.shape[0]
+        _check_full(loaded, self.output_size, _cols(param), self._name(param))
         _copy(param.data, loaded.narrow(0, self.tp_rank * rows, rows), self._name(param))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +138,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if shard_id is None:
             raise ValueError("a merged linear layer loads one shard at a time (shard_id required)")
         tp, i = self.tp_size, int(shard_id)
+        _check_full(loaded, self.output_sizes[i], _cols(param), f"{self._name(param)} shard {i}")
         size = self.output_sizes[i] // tp
         offset = sum(self.output_sizes[:i]) // tp
         dst = param.data.narrow(0, offset, size)
@@ -152,6 +165,9 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         d, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        total = {"q": self.total_heads, "k": self.total_kv_heads, "v": self.total_kv_heads}.get(shard_id)
+        if total is not None:
+            _check_full(loaded, total * d, _cols(param), f"{self._name(param)} shard {shard_id}")
         if shard_id == "q":
             dst, start, n = (0, self.tp_rank * hq, hq)
         elif shard_id in ("k", "v"):
@@ -188,6 +204,7 @@ class RowParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         if param is self.bias:
             return _copy(param.data, loaded, "bias")
+        _check_full(loaded, self.output_size, self.input_size, "weight")
         cols = param.shape[1]
         _copy(param.data, loaded.narrow(1, self.tp_rank * cols, cols), "weight")
 

@@ -142,3 +142,21 @@ def test_head_split_errors_name_both_numbers():
     with pytest.raises(ValueError, match="tensor_parallel_size 4 neither divides nor is a multiple of the model's 6"):
         check_heads_divisible(12, 6, 4)
     check_heads_divisible(9, 3, 9)  # 3 ranks share each KV head
+
+
+@pytest.mark.parametrize("make,shard,shape,match", [
+    (lambda: __import__("fleetlm.layers.linear", fromlist=["x"]).ColumnParallelLinear(6, 8, dtype=torch.float32),
+     None, (12, 6), r"weight has shape \(12, 6\), expected \(8, 6\)"),
+    (lambda: __import__("fleetlm.layers.linear", fromlist=["x"]).RowParallelLinear(8, 5, dtype=torch.float32),
+     None, (5, 16), r"weight has shape \(5, 16\), expected \(5, 8\)"),
+    (lambda: __import__("fleetlm.layers.linear", fromlist=["x"]).QKVParallelLinear(5, 3, 4, 2, dtype=torch.float32),
+     "k", (12, 5), r"weight shard k has shape \(12, 5\), expected \(6, 5\)"),
+    (lambda: __import__("fleetlm.layers.linear", fromlist=["x"]).MergedColumnParallelLinear(6, [4, 6], dtype=torch.float32),
+     1, (4, 6), r"weight shard 1 has shape \(4, 6\), expected \(6, 6\)"),
+], ids=["column", "row", "qkv", "merged"])
+def test_a_misshaped_checkpoint_tensor_is_refused_before_slicing(make, shard, shape, match):
+    """Even where a rank keeps only a slice, the full tensor must have the model's shape: a
+    checkpoint whose config disagrees with its tensors never loads silently."""
+    layer = make()
+    with pytest.raises(ValueError, match=match):
+        layer.weight_loader(layer.weight, torch.zeros(shape), shard)

@@ -25,3 +25,31 @@ def test_poisoned_request_fails_alone_and_others_match_a_clean_run(tiny_model_di
     assert llm.engine.core.scheduler.kv.num_free_blocks == free
     again = llm.generate(prompts, sp, use_tqdm=False)  # the engine still serves
     assert [o.outputs[0].token_ids for o in again] == expected
+
+
+def _prefix_sharing_case(tiny_model_dir, monkeypatch, **engine_kw):
+    """R = P + [poison] writes P's blocks and H = P + [5] hits them in the same step; the step
+    fails, so those blocks were never written: H must recompute them, not read garbage."""
+    poison = 999
+    prefix = list(range(300, 332))  # two full blocks of 16
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    hitter = {"prompt_token_ids": prefix + [5]}
+    with LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=64, **engine_kw) as clean:
+        expected = clean.generate([hitter], sp, use_tqdm=False)[0].outputs[0].token_ids
+    monkeypatch.setenv(FAULT_ENV, str(poison))
+    with LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=64, **engine_kw) as llm:
+        outs = llm.generate([{"prompt_token_ids": prefix + [poison]}, hitter], sp, use_tqdm=False)
+        assert outs[0].outputs[0].finish_reason == "error"
+        assert outs[1].outputs[0].token_ids == expected
+        sched = llm.engine.core.scheduler
+        assert sched.kv.num_free_blocks == sched.cache_config.num_blocks
+
+
+def test_a_request_that_hit_blocks_of_the_failed_step_recomputes_them(tiny_model_dir, monkeypatch):
+    _prefix_sharing_case(tiny_model_dir, monkeypatch)
+
+
+def test_failed_step_on_every_rank_is_retried_per_request_with_tp2(tiny_model_dir, monkeypatch):
+    """Several ranks: the fault raises on every rank before any collective (a StepError), the
+    engine retries per request and goes on; workers see the same env and the same steps."""
+    _prefix_sharing_case(tiny_model_dir, monkeypatch, tensor_parallel_size=2)
