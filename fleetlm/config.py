@@ -104,6 +104,9 @@ class EngineArgs:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.pipeline_layer_partition is not None:
+            if not isinstance(self.pipeline_layer_partition, (tuple, list)):
+                raise ValueError(f"pipeline_layer_partition must be a list of layer counts, got "
+                                 f"{self.pipeline_layer_partition!r}")
             part = tuple(self.pipeline_layer_partition)
             if len(part) != self.pipeline_parallel_size or any(not isinstance(n, int) or n < 1 for n in part):
                 raise ValueError(f"pipeline_layer_partition must give pipeline_parallel_size "
@@ -112,6 +115,9 @@ class EngineArgs:
         if self.distributed_executor_backend not in ("auto", "uniproc", "multiproc"):
             raise ValueError("distributed_executor_backend must be auto, uniproc or multiproc, got "
                              f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "multiproc" and self.world_size == 1:
+            raise ValueError("distributed_executor_backend 'multiproc' needs tensor_parallel_size x "
+                             "pipeline_parallel_size > 1; one rank runs 'uniproc' (or leave it 'auto')")
         if self.distributed_executor_backend == "uniproc" and self.world_size > 1:
             raise ValueError(f"distributed_executor_backend 'uniproc' runs one rank, but tensor_parallel_size x "
                              f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")

@@ -100,6 +100,9 @@ def init_distributed(cfg: ParallelConfig, rank: int, device: torch.device, *, in
     if world == 1:
         _STATE = _SINGLE
         return _STATE
+    if device.type == "cuda" and "LOCAL_RANK" not in os.environ and world > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} ranks, but this machine has "
+                         f"{torch.cuda.device_count()} GPU(s); use torchrun to span machines")
     if device.type == "cuda":  # one GPU per local rank, before any NCCL call
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
     if not dist.is_initialized():
@@ -141,3 +144,17 @@ def check_parallel_fits(num_heads: int, num_kv_heads: int, num_layers: int, tp: 
     check_heads_divisible(num_heads, num_kv_heads, tp)
     if pp > num_layers:
         raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {num_layers} layers")
+
+
+def reachable_address() -> str:
+    """This host's address on the interface that leads to torchrun's master (what other nodes
+    can reach); 127.0.0.1 on a single machine."""
+    import socket
+
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master, 1))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"

@@ -31,8 +31,12 @@ class EngineCore:
     def __init__(self, args: EngineArgs, files: LoadedModel, dtype: torch.dtype, max_model_len: int) -> None:
         self.args = args
         self.executor = get_executor_class(args.executor_backend)(args, files, dtype, max_model_len)
-        num_blocks = self.executor.determine_num_blocks()
-        self.executor.initialize_cache(num_blocks)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self.executor.initialize_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()  # no worker process outlives a failed start
+            raise
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         sched = SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs, max_model_len,
                                 self.executor.max_concurrent_batches)

@@ -10,8 +10,10 @@ in their own processes, started here or by ``torchrun``). The engine core only e
   pipeline can hold several steps in flight (``max_concurrent_batches`` of them);
 - ``collective_rpc(method, ...)``: any worker method on every rank, results in rank order.
 
-A step that raised on every rank is a ``StepError`` (the engine retries its requests one by one);
-anything else that breaks a rank (a crash, an error on some ranks only) is ``EngineDeadError``.
+A step that raised on every rank before any collective, or on the output rank only after the
+last one (while sampling), is a ``StepError``: the engine retries its requests one by one.
+Anything else that breaks a rank (a crash, an error inside the forward pass, an error on some
+ranks only) is ``EngineDeadError``.
 """
 
 from __future__ import annotations

@@ -12,14 +12,18 @@ through a gloo broadcast. Replies of a step come back in step order, so up to
 ``pipeline_parallel_size`` steps can be in flight: rank 0 computes stage 0 of step k+1 while
 later stages still work on step k.
 
-Failure rules: a step that raised on every rank is a ``StepError`` (nothing is half-done: the
-runner raises before any collective); an error on some ranks only, a worker that exits, or a
-collective that fails is ``EngineDeadError``, and every worker is killed.
+Failure rules, by the phase the runner was in (``ModelRunner.phase``): an error in ``prepare`` on
+every rank (no collective yet), or in ``sample`` on the output rank only (after the last one), is
+a ``StepError``; an error in ``forward``, one on some ranks only, a worker that exits, a
+collective that fails, or ranks that do not answer within ``FAILED_STEP_PATIENCE_S`` of rank 0's
+own failure is ``EngineDeadError``: every worker is killed and the process group destroyed.
+Under torchrun the control plane binds to the interface the other nodes reach, not to all.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -43,8 +47,10 @@ from fleetlm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from fleetlm.distributed.parallel_state import (
     ParallelConfig,
     RankInfo,
+    env_rank,
     get_cpu_group,
     init_distributed,
+    reachable_address,
 )
 from fleetlm.executor.base import EngineDeadError, Executor, StepError, StepHandle
 from fleetlm.models.loader import LoadedModel
@@ -85,27 +91,33 @@ class MultiprocExecutor(Executor):
         self.world = self.pcfg.world_size
         self.max_concurrent_batches = self.pcfg.pipeline_parallel_size
         self.procs: list[subprocess.Popen] = []
+        self.senders: list = []
+        self.dead: str | None = None
+        self.closed = False
+        self.reply_addr = ""
         self.external = launched_by_torchrun()
+        if self.external and env_rank() != 0:
+            raise ValueError(f"under torchrun only rank 0 builds the engine (this is rank {env_rank()}); "
+                             "run `fleetlm generate` or `fleetlm serve`, whose other ranks become its workers")
         init_method = None if self.external else f"tcp://127.0.0.1:{free_port()}"
         if not self.external:
             self.procs = [spawn_worker(args, r, init_method, self.world) for r in range(1, self.world)]
-        try:
-            self.rank = init_distributed(self.pcfg, 0, torch.device(args.resolved_device), init_method=init_method)
-        except Exception:
-            self._kill()
-            raise
-        self.ctx = zmq.Context()
-        self.replies = self.ctx.socket(zmq.PULL)
-        self.senders = []
-        self._bind_and_announce(zmq)
-        self.worker = Worker(args, dtype, max_model_len, local_ranks=self._local_ranks())
-        self.worker.load_model(files)
         self._ids = itertools.count()
         self._pending: dict[int, dict[int, Reply]] = {}  # call id -> remote rank -> reply
         self._mine: dict[int, Reply] = {}  # call id -> rank 0's own result of a step
         self._inflight: deque[int] = deque()
-        self.dead: str | None = None
-        self.collective_rpc("ready")
+        try:
+            self.rank = init_distributed(self.pcfg, 0, torch.device(args.resolved_device), init_method=init_method)
+            self.ctx = zmq.Context()
+            self.replies = self.ctx.socket(zmq.PULL)
+            self._bind_and_announce(zmq)
+            self.worker = Worker(args, dtype, max_model_len, local_ranks=self._local_ranks())
+            self.worker.load_model(files)
+            self.collective_rpc("ready")
+        except BaseException:  # no worker, socket or process group outlives a failed start
+            self.dead = self.dead or "start-up failed"
+            self.shutdown()
+            raise
         atexit.register(self.shutdown)  # workers and sockets never outlive the driver
 
     def _local_ranks(self) -> int:
@@ -113,9 +125,9 @@ class MultiprocExecutor(Executor):
 
     def _bind_and_announce(self, zmq) -> None:
         """Bind the reply socket, connect one sender per worker after they bind theirs."""
-        if self.external:
-            host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-            port = self.replies.bind_to_random_port("tcp://*")
+        if self.external:  # bound to the interface the other nodes reach, never to all of them
+            host = reachable_address()
+            port = self.replies.bind_to_random_port(f"tcp://{host}")
             addr = f"tcp://{host}:{port}"
         else:
             addr = f"ipc://{tempfile.gettempdir()}/fleetlm-{os.getpid()}-{uuid.uuid4().hex[:8]}-replies"
@@ -146,6 +158,10 @@ class MultiprocExecutor(Executor):
         cid = self._call_remote(method, *args)
         try:
             mine = getattr(self.worker, method)(*args)
+        except ValueError:  # bad input (e.g. a KV budget too small): every rank sees the same
+            self.dead = f"{method} was refused"
+            self.shutdown()
+            raise
         except Exception as e:
             self._fail(f"rank 0 raised in {method}: {type(e).__name__}: {e}")
         replies = self._wait_remote(cid)
@@ -167,8 +183,8 @@ class MultiprocExecutor(Executor):
         return _MultiprocStep(self, cid)
 
     def _step_result(self, cid: int) -> ModelRunnerOutput:
-        while self._inflight and self._inflight[0] != cid:  # earlier steps finish first
-            self._step_result(self._inflight[0])
+        if self._inflight[0] != cid:
+            raise RuntimeError("step results must be collected in the order the steps were started")
         replies = self._wait_remote(cid, patience_s=FAILED_STEP_PATIENCE_S if not self._mine[cid][0] else None)
         replies[0] = self._mine.pop(cid)
         self._inflight.popleft()
@@ -190,17 +206,20 @@ class MultiprocExecutor(Executor):
         got = self._pending[cid]
         deadline = None if patience_s is None else time.monotonic() + patience_s
         while len(got) < self.world - 1:
-            if deadline is not None and time.monotonic() > deadline:
+            if not self._recv_one(deadline):
                 self._fail(f"ranks {sorted(set(range(1, self.world)) - set(got))} did not finish a failed step")
-            self._recv_one()
         return self._pending.pop(cid)
 
-    def _recv_one(self) -> None:
+    def _recv_one(self, deadline: float | None = None) -> bool:
+        """Take one reply; False if ``deadline`` passed first."""
         while not self.replies.poll(POLL_MS):
             self.check_health()
+            if deadline is not None and time.monotonic() > deadline:
+                return False
         cid, rank, ok, payload = pickle.loads(self.replies.recv())
         if cid in self._pending:
             self._pending[cid][rank] = (ok, payload)
+        return True
 
     # -- health -----------------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -213,7 +232,7 @@ class MultiprocExecutor(Executor):
     def _fail(self, why: str) -> None:
         self.dead = why
         logger.error("engine dead: %s", why)
-        self._kill()
+        self.shutdown()  # workers killed, group destroyed: a later engine here starts clean
         raise EngineDeadError(why)
 
     def _kill(self) -> None:
@@ -227,8 +246,11 @@ class MultiprocExecutor(Executor):
                 pass
 
     def shutdown(self) -> None:
-        if self.ctx is None:
+        """Stop every worker (asked, then killed), close the sockets, leave the process group.
+        Idempotent; safe on a half-started or dead executor."""
+        if self.closed:
             return
+        self.closed = True
         if self.dead is None and self.senders:
             try:
                 self._call_remote("shutdown")
@@ -238,16 +260,15 @@ class MultiprocExecutor(Executor):
             except Exception:  # noqa: BLE001 - shutting down: kill what is left
                 pass
         self._kill()
-        for s in self.senders:  # linger: a worker started elsewhere (torchrun) must get "shutdown"
-            s.close(linger=0 if self.dead else 2000)
-        self.replies.close(linger=0)
-        self.ctx.term()
+        if self.ctx is not None:
+            for s in self.senders:  # linger: a worker started elsewhere (torchrun) must get "shutdown"
+                s.close(linger=0 if self.dead else 2000)
+            self.replies.close(linger=0)
+            self.ctx.term()
+            self.ctx = None
         if self.reply_addr.startswith("ipc://"):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.reply_addr.removeprefix("ipc://"))
-            except OSError:
-                pass
-        self.ctx = None
         from fleetlm.distributed.parallel_state import destroy_distributed
 
         try:

@@ -21,7 +21,12 @@ import torch
 import torch.distributed as dist
 
 from fleetlm.config import EngineArgs
-from fleetlm.distributed.parallel_state import ParallelConfig, get_cpu_group, init_distributed
+from fleetlm.distributed.parallel_state import (
+    ParallelConfig,
+    get_cpu_group,
+    init_distributed,
+    reachable_address,
+)
 
 logger = logging.getLogger("fleetlm")
 
@@ -33,13 +38,15 @@ def run_worker(args: EngineArgs, rank: int, init_method: str | None, local_ranks
     from fleetlm.executor.multiproc import StepFailure
     from fleetlm.worker.worker import Worker
 
+    parent = os.getppid()  # the driver (when spawned): if it goes, so does this worker
     pcfg = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size)
     init_distributed(pcfg, rank, torch.device(args.resolved_device), init_method=init_method)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     if init_method is None:  # torchrun, possibly another node: TCP
-        port = inbox.bind_to_random_port("tcp://*")
-        my_addr = f"tcp://{_this_host()}:{port}"
+        host = reachable_address()  # this interface only, never all of them
+        port = inbox.bind_to_random_port(f"tcp://{host}")
+        my_addr = f"tcp://{host}:{port}"
     else:
         my_addr = f"ipc://{tempfile.gettempdir()}/fleetlm-{os.getpid()}-{uuid.uuid4().hex[:8]}-w{rank}"
         inbox.bind(my_addr)
@@ -51,7 +58,6 @@ def run_worker(args: EngineArgs, rank: int, init_method: str | None, local_ranks
     files, dtype, max_model_len = load_engine_parts(args)
     worker = Worker(args, dtype, max_model_len, local_ranks=local_ranks)
     worker.load_model(files)
-    parent = os.getppid()
     try:
         while True:
             while not inbox.poll(500):
@@ -81,19 +87,6 @@ def run_worker(args: EngineArgs, rank: int, init_method: str | None, local_ranks
                 os.unlink(my_addr.removeprefix("ipc://"))
             except OSError:
                 pass
-
-
-def _this_host() -> str:
-    """An address of this host that the driver can reach (the one used to reach the master)."""
-    import socket
-
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((master, 1))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 if __name__ == "__main__":

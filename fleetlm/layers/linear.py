@@ -156,7 +156,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.head_dim = head_dim
         self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
         self.num_heads = num_heads // tp
-        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp)
         self.kv_replicas = max(1, tp // num_kv_heads)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         LinearBase.__init__(self, hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, dtype=dtype,
@@ -177,6 +177,11 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(f"QKV shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         _copy(param.data.narrow(0, dst * d, n * d), loaded.narrow(0, start * d, n * d),
               f"{self._name(param)} shard {shard_id}")
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
+    """KV heads one TP rank holds: ``num_kv_heads / tp``, at least one (replicated past that)."""
+    return max(1, num_kv_heads // tp)
 
 
 def check_heads_divisible(num_heads: int, num_kv_heads: int, tp: int) -> None:

@@ -23,6 +23,7 @@ from fleetlm.attention.registry import get_attention_backend
 from fleetlm.core.sched_output import Logprob, ModelRunnerOutput, PositionLogprobs, SchedulerOutput
 from fleetlm.distributed.communication import recv_from_prev_stage, send_to_next_stage
 from fleetlm.distributed.parallel_state import parallel_state
+from fleetlm.layers.linear import kv_heads_per_rank
 from fleetlm.sample.sampler import Sampler, SamplerOutput
 from fleetlm.worker.input_batch import CachedRequestState, build_sampling_metadata
 
@@ -56,7 +57,7 @@ class ModelRunner:
     @property
     def num_kv_heads(self) -> int:
         """KV heads this rank holds: ``num_kv_heads / tp``, at least one (replicated past that)."""
-        return max(1, self.cfg.num_kv_heads // self.rank.tp_size)
+        return kv_heads_per_rank(self.cfg.num_kv_heads, self.rank.tp_size)
 
     def initialize_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         """One tensor [this stage's layers, 2, num_blocks, block_size, this rank's kv_heads,

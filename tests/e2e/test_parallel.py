@@ -142,11 +142,25 @@ def test_torchrun_two_nodes_on_loopback_generate_like_one_process(tiny, tmp_path
     ({"pipeline_parallel_size": 2, "pipeline_layer_partition": (1, 1)},
      r"pipeline_layer_partition \[1, 1\] sums to 2, but the model has 3 layers"),
     ({"pipeline_parallel_size": 2, "pipeline_layer_partition": (3,)}, "must give pipeline_parallel_size"),
+    ({"distributed_executor_backend": "multiproc"}, "'multiproc' needs tensor_parallel_size x pipeline"),
+    ({"pipeline_parallel_size": 2, "pipeline_layer_partition": 5}, "must be a list of layer counts"),
     ({"distributed_executor_backend": "ray"}, "distributed_executor_backend must be auto, uniproc or multiproc"),
 ])
 def test_bad_layouts_are_refused_naming_the_numbers(tiny, kw, match):
     with pytest.raises(ValueError, match=match):
         LLM(str(tiny), dtype="float32", kv_cache_memory=16 << 20, **kw)
+
+
+def test_a_refused_parallel_start_leaves_nothing_behind(tiny):
+    """A KV budget too small is the same ValueError at TP=2 as at TP=1; its workers are gone and
+    the next parallel engine in this process starts normally."""
+    with pytest.raises(ValueError, match="kv_cache_memory|KV"):
+        LLM(str(tiny), dtype="float32", kv_cache_memory=100, tensor_parallel_size=2)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    with LLM(str(tiny), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2) as llm:
+        assert _gen(llm, PROMPTS[:1], SP)[0].outputs[0].token_ids
 
 
 def test_cli_bad_layout_exits_2(tiny):
