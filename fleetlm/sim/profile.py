@@ -38,11 +38,15 @@ class EngineLimits:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ProfileError(f"engine.{name} must be an integer >= 1, got {v!r}")
 
-    def configs(self):
-        """(SchedulerConfig, CacheConfig) for ``fleetlm.core.scheduler.Scheduler``."""
+    def configs(self, pp: int = 1):
+        """(SchedulerConfig, CacheConfig) for ``fleetlm.core.scheduler.Scheduler``; ``pp``: steps
+        the engine keeps in flight (its pipeline stages), where the scheduler takes it."""
+        from dataclasses import fields
+
         from fleetlm.config import CacheConfig, SchedulerConfig
 
-        return (SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len),
+        extra = {"max_concurrent_batches": pp} if "max_concurrent_batches" in {f.name for f in fields(SchedulerConfig)} else {}
+        return (SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len, **extra),
                 CacheConfig(self.block_size, self.num_blocks, self.enable_prefix_caching))
 
 

@@ -8,7 +8,8 @@ partial prefill chunk). Requests that arrive while a step runs wait for the next
 
 Pipeline parallelism (``profile.pp > 1``), as the engine core runs it: after each finished step
 it fills the pipeline with up to ``pp`` steps, each holding only requests not already in flight
-(``Scheduler.has_schedulable``), then waits for the oldest. A step of ``T`` seconds (all stages)
+(``Scheduler.has_schedulable``; the scheduler, told ``pp``, gives a step a ``1/pp`` share of the
+requests so the groups take turns), then waits for the oldest. A step of ``T`` seconds (all stages)
 enters stage 0 when that stage is free and leaves it ``T / pp`` later; steps finish in order.
 
 Invariant: ``in_flight`` lists the steps submitted and not finished, oldest first; a replica

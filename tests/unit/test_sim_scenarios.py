@@ -164,3 +164,12 @@ def test_pipeline_parallel_keeps_two_steps_in_flight():
     assert per_request(res) == [(10.0, 30.0, 10.0), (15.0, 35.0, 10.0)]
     seq = run(arrivals((0.0, 64, 3), (0.0, 64, 3)), limits=EngineLimits(max_num_batched_tokens=64))
     assert per_request(seq) == [(10.0, 30.0, 10.0), (30.0, 50.0, 10.0)]  # one step at a time
+
+
+def test_pipeline_parallel_groups_take_turns():
+    # pp=2: the scheduler gives each step half the requests, so A, B and C, D alternate stages.
+    from dataclasses import replace
+
+    prof = replace(fixed_profile(10 * MS), pp=2)
+    res = simulate(prof, FleetConfig(), arrivals(*[(0.0, 16, 3)] * 4))
+    assert per_request(res) == [(10.0, 30.0, 10.0)] * 2 + [(15.0, 35.0, 10.0)] * 2
