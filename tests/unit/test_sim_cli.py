@@ -86,3 +86,14 @@ def test_bad_input_exits_2_naming_it(tmp_path, capsys):
 def test_more_bad_numbers(argv, capsys):
     assert main(argv) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_plot_needs_matplotlib_or_draws(tmp_path, capsys):
+    png = tmp_path / "t.png"
+    rc = main(["sim", "--step-time-ms", "10", *SMALL, "--plot", str(png)])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "needs matplotlib" in capsys.readouterr().err
+        return
+    assert rc == 0 and png.stat().st_size > 1000
