@@ -124,6 +124,16 @@ def init_distributed(cfg: ParallelConfig, rank: int, device: torch.device, *, in
     return _STATE
 
 
+def adopt_tp_group(group: dist.ProcessGroup, tp_rank: int, tp_size: int) -> RankInfo:
+    """Training: make ``group`` (a TP slice of a larger ``DeviceMesh`` whose other dimensions
+    are data-parallel) this rank's TP group, with one pipeline stage. The default process
+    group must already be initialised; ``destroy_distributed`` undoes it."""
+    global _STATE, _TP_GROUP
+    _TP_GROUP = group
+    _STATE = RankInfo(dist.get_rank(), dist.get_world_size(), tp_rank, tp_size, 0, 1)
+    return _STATE
+
+
 def destroy_distributed() -> None:
     global _STATE, _TP_GROUP, _PP_GROUP, _CPU_GROUP
     if dist.is_initialized():
