@@ -72,6 +72,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1  # stages that split the layers
     distributed_executor_backend: str = "auto"  # auto | uniproc | multiproc
     pipeline_layer_partition: tuple[int, ...] | None = None  # layers per stage (default: even split)
+    scheduling_policy: str = "fcfs"  # fcfs (priority, then arrival) | fair (per-tenant VTC fair share)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -112,6 +113,8 @@ class EngineArgs:
                 raise ValueError(f"pipeline_layer_partition must give pipeline_parallel_size "
                                  f"({self.pipeline_parallel_size}) layer counts >= 1, got {part}")
             object.__setattr__(self, "pipeline_layer_partition", part)
+        if self.scheduling_policy not in ("fcfs", "fair"):
+            raise ValueError(f"scheduling_policy must be fcfs or fair, got {self.scheduling_policy!r}")
         if self.distributed_executor_backend not in ("auto", "uniproc", "multiproc"):
             raise ValueError("distributed_executor_backend must be auto, uniproc or multiproc, got "
                              f"{self.distributed_executor_backend!r}")
@@ -168,6 +171,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_model_len: int
     max_concurrent_batches: int = 1  # steps in flight at once (pipeline stages)
+    scheduling_policy: str = "fcfs"  # fcfs | fair (per-tenant fair share; core/fair_queue.py)
 
 
 @dataclass(frozen=True)

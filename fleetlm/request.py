@@ -9,6 +9,27 @@ from dataclasses import dataclass, field
 from fleetlm.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True)
+class Tenancy:
+    """Who a request belongs to, for fair scheduling and cache isolation (``fleetlm/tenancy``).
+
+    ``cache_salt`` is a digest (never a tenant's secret or API key): it goes into the hash of the
+    request's first private block, so the whole hash chain after it is private to that salt.
+    The first ``shared_prefix_tokens`` prompt tokens (a public, named prefix the tenant opted in
+    to) are hashed under ``shared_salt`` instead, so every tenant sharing it hits the same blocks.
+    """
+
+    tenant_id: str = ""  # "" = no tenant (a server without --tenants, or the offline engine)
+    weight: float = 1.0  # the tenant's fair share (fair scheduling policy)
+    priority: int = 0  # lower runs first within a tenant (as vLLM's priority)
+    cache_salt: str | None = None
+    shared_prefix_tokens: int = 0
+    shared_salt: str | None = None
+
+
+NO_TENANCY = Tenancy()
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -44,6 +65,7 @@ class Request:
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # stable digests of full blocks, in order
     first_scheduled_time: float | None = None
+    tenancy: Tenancy = NO_TENANCY
 
     @property
     def num_prompt_tokens(self) -> int:

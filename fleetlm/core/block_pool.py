@@ -38,6 +38,35 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], extra_keys: 
 NONE_HASH = bytes(32)  # the parent of a sequence's first block
 
 
+def block_extra_keys(index: int, block_size: int, cache_salt: str | None = None,
+                     shared_prefix_tokens: int = 0, shared_salt: str | None = None) -> tuple:
+    """Extra hash keys of block ``index`` of a sequence (tenant isolation, issue 15).
+
+    The salt enters the chain once, at the first block it covers, and every later hash inherits
+    it through its parent: block 0 carries the shared salt when the sequence starts with a
+    shared named prefix (its full blocks are public to every tenant that opted in); the first
+    block after that prefix (block 0 without one) carries the private ``cache_salt``. Routers,
+    KV events and KV transfer compute the same keys, so a salted hash means the same everywhere.
+    """
+    shared_blocks = shared_prefix_tokens // block_size if shared_salt else 0
+    if index == 0 and shared_blocks:
+        return ("shared", shared_salt)
+    if index == shared_blocks and cache_salt:
+        return ("salt", cache_salt)
+    return ()
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None,
+                        shared_prefix_tokens: int = 0, shared_salt: str | None = None) -> list[bytes]:
+    """The chained hashes of every full block of ``token_ids``, as the engine computes them
+    (for routers and tests that predict the engine's prefix cache)."""
+    out: list[bytes] = []
+    for i in range(len(token_ids) // block_size):
+        extra = block_extra_keys(i, block_size, cache_salt, shared_prefix_tokens, shared_salt)
+        out.append(hash_block(out[-1] if out else None, token_ids[i * block_size:(i + 1) * block_size], extra))
+    return out
+
+
 def _le_int64(token_ids: Sequence[int]) -> bytes:
     a = array("q", token_ids)
     a.byteswap()
@@ -69,6 +98,7 @@ class BlockPool:
         self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[int, KVCacheBlock] = {}
         self.num_evictions = 0
+        self.event_sink = None  # KV events (core/kv_events.py): stored / removed / cleared, or None
 
     @property
     def num_free_blocks(self) -> int:
@@ -99,12 +129,16 @@ class BlockPool:
             return False
         block.block_hash, block.parent_hash, block.token_ids = block_hash, parent_hash, tuple(token_ids)
         self._cached[block_hash] = block
+        if self.event_sink is not None:
+            self.event_sink.stored(block_hash, parent_hash)
         return True
 
     def uncache(self, block: KVCacheBlock) -> None:
         """Withdraw a block from the prefix cache (its K/V turned out never to be written)."""
         if block.block_hash is not None and self._cached.get(block.block_hash) is block:
             del self._cached[block.block_hash]
+            if self.event_sink is not None:
+                self.event_sink.removed(block.block_hash)
         block.reset_hash()
 
     def _evict(self, block: KVCacheBlock) -> None:
@@ -112,6 +146,8 @@ class BlockPool:
             if self._cached.get(block.block_hash) is block:
                 del self._cached[block.block_hash]
                 self.num_evictions += 1
+                if self.event_sink is not None:
+                    self.event_sink.removed(block.block_hash)
             block.reset_hash()
 
     # -- allocation -------------------------------------------------------------------------
@@ -143,4 +179,6 @@ class BlockPool:
         for b in self.blocks:
             b.reset_hash()
         self._cached.clear()
+        if self.event_sink is not None:
+            self.event_sink.cleared()
         return True

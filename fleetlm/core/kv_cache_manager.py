@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleetlm.core.block_pool import BlockPool, KVCacheBlock, hash_block
+from fleetlm.core.block_pool import BlockPool, KVCacheBlock, block_extra_keys, hash_block
 from fleetlm.request import Request
 
 
@@ -48,10 +48,11 @@ class KVCacheManager:
 
     def _update_hashes(self, req: Request, num_tokens: int) -> None:
         """Extend ``req.block_hashes`` to cover every full block of the first ``num_tokens``."""
-        bs = self.block_size
+        bs, t = self.block_size, req.tenancy
         for i in range(len(req.block_hashes), num_tokens // bs):
             parent = req.block_hashes[i - 1] if i else None
-            req.block_hashes.append(hash_block(parent, req.token_slice(i * bs, (i + 1) * bs)))
+            extra = block_extra_keys(i, bs, t.cache_salt, t.shared_prefix_tokens, t.shared_salt)
+            req.block_hashes.append(hash_block(parent, req.token_slice(i * bs, (i + 1) * bs), extra))
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of ``req`` (full blocks only), and how many tokens it covers."""

@@ -17,9 +17,9 @@ into ``pp`` groups that take turns, one group per stage.
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from fleetlm.config import CacheConfig, SchedulerConfig
+from fleetlm.core.fair_queue import WaitingQueue, make_waiting_queue
 from fleetlm.core.kv_cache_manager import KVCacheManager
 from fleetlm.core.sched_output import (
     CachedRequestData,
@@ -61,7 +61,7 @@ class Scheduler:
         self.cache_config = cache
         self.kv = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting: WaitingQueue = make_waiting_queue(sched.scheduling_policy)  # fcfs | fair (fair_queue.py)
         self.running: list[Request] = []
         self._on_workers: dict[str, int] = {}  # requests whose state the workers hold -> output tokens they have
         self._in_flight: set[str] = set()  # scheduled in a step whose output has not come back
@@ -219,15 +219,14 @@ class Scheduler:
         return max(1, -(-live // pp))
 
     def _pick_victim(self, first: int) -> Request | None:
-        """The most recently admitted running request from index ``first`` on that is not in
-        flight (requests before ``first`` are already in this step)."""
-        for req in reversed(self.running[first:]):
-            if req.request_id not in self._in_flight:
-                return req
-        return None
+        """The policy's choice among the running requests from index ``first`` on that are not in
+        flight (requests before ``first`` are already in this step); FCFS: the most recently
+        admitted of the lowest priority."""
+        return self.waiting.pick_victim([r for r in self.running[first:] if r.request_id not in self._in_flight])
 
     def _record(self, req: Request, n: int, new_blocks, new_reqs, cached_reqs) -> None:
         rid = req.request_id
+        self.waiting.charge(req, n)  # the policy's service accounting (fair share)
         seen = self._on_workers.get(rid)
         if seen is not None:
             new_tokens = req.output_token_ids[seen:]
@@ -312,6 +311,7 @@ class Scheduler:
                 pass
         self.kv.free(req)
         self._forget_on_workers(req.request_id)
+        self.waiting.forget(req)
         del self.requests[req.request_id]
 
     def finish_requests(self, req_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[str]:
