@@ -73,6 +73,9 @@ class EngineArgs:
     distributed_executor_backend: str = "auto"  # auto | uniproc | multiproc
     pipeline_layer_partition: tuple[int, ...] | None = None  # layers per stage (default: even split)
     scheduling_policy: str = "fcfs"  # fcfs (priority, then arrival) | fair (per-tenant VTC fair share)
+    data_parallel_size: int = 1  # engine cores, each its own process and KV cache, behind one front end
+    data_parallel_policy: str = "least_load"  # how the front end picks a core (fleetlm/router/policies.py)
+    kv_events_endpoint: str | None = None  # ZMQ PUB endpoint for KV events (tcp://host:port | ipc://path)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -100,7 +103,7 @@ class EngineArgs:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.attention_backend not in ("auto", "torch_paged", "cpu_native"):
             raise ValueError(f"attention_backend must be auto, torch_paged or cpu_native, got {self.attention_backend!r}")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -124,8 +127,18 @@ class EngineArgs:
         if self.distributed_executor_backend == "uniproc" and self.world_size > 1:
             raise ValueError(f"distributed_executor_backend 'uniproc' runs one rank, but tensor_parallel_size x "
                              f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")
+        self._check_data_parallel()
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
+
+    def _check_data_parallel(self) -> None:
+        if self.kv_events_endpoint is not None:
+            from fleetlm.core.kv_events import check_endpoint
+
+            check_endpoint(self.kv_events_endpoint)
+        from fleetlm.router.policies import check_dp_policy
+
+        check_dp_policy(self.data_parallel_policy)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineArgs:

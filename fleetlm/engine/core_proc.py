@@ -105,14 +105,19 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str, parent_
     sc = core.scheduler
     out.send(enc.encode(Ready(sc.config.max_model_len, sc.cache_config.block_size, sc.cache_config.num_blocks,
                               os.getpid())))
+    from fleetlm.core.kv_events import attach_publisher
+
+    kv_events = attach_publisher(core, args.kv_events_endpoint)  # None unless asked for
     try:
-        EngineCoreLoop(core, inp, out, parent_pid).run()
+        EngineCoreLoop(core, inp, out, parent_pid, kv_events).run()
     except EngineDeadError as e:  # a worker rank died: say why, then exit (the front end sees it)
         logger.error("engine core exiting: %s", e)
         out.send(enc.encode(Failed(f"EngineDeadError: {e}")))
         sys.exit(1)
     finally:
         core.shutdown()
+        if kv_events is not None:
+            kv_events.close()
         out.close(linger=1000)
         inp.close(linger=0)
         ctx.term()
@@ -127,8 +132,9 @@ def _build_core(args: EngineArgs):
 
 
 class EngineCoreLoop:
-    def __init__(self, core, inp, out, parent_pid: int) -> None:
+    def __init__(self, core, inp, out, parent_pid: int, kv_events=None) -> None:
         self.core = core
+        self.kv_events = kv_events  # KVEventPublisher: one batch of block events per step
         self.inp = inp
         self.out = out
         self.parent_pid = parent_pid
@@ -146,6 +152,8 @@ class EngineCoreLoop:
                 self.core.executor.check_health()
                 last_check = time.monotonic()
             outputs = self.core.step()
+            if self.kv_events is not None:
+                self.kv_events.flush()
             if outputs or got_input or self.core.has_unfinished_requests():
                 self.out.send(self.enc.encode(CoreOutputs(outputs, self.core.stats())))
 

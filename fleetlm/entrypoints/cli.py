@@ -156,6 +156,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return bench_serve_main(args)
 
 
+def cmd_router(args: argparse.Namespace) -> int:
+    from fleetlm.router.cli import run
+
+    return run(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from fleetlm.plan.cli import run
 
@@ -199,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_serve_args(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    r = sub.add_parser("router", help="one OpenAI endpoint over many fleetlm serve replicas (docs/ROUTER.md)")
+    from fleetlm.router.cli import add_arguments as add_router_args
+
+    add_router_args(r)
+    r.set_defaults(func=cmd_router)
 
     pl = sub.add_parser("plan", help="capacity planning: memory, KV sizing, roofline, parallelism")
     from fleetlm.plan.cli import add_arguments as add_plan_args

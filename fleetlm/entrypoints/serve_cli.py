@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--health-timeout", type=float, default=30.0,
                    help="/health fails if the engine loop does not answer a ping within this many seconds")
     g.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
+    d = p.add_argument_group("data parallel and KV events (docs/ROUTER.md)")
+    d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine cores behind this server, each its own process and KV cache")
+    d.add_argument("--data-parallel-policy", default="least_load", help="round_robin | least_load | prefix")
+    d.add_argument("--kv-events-endpoint", help="publish KV block events on this ZMQ PUB endpoint "
+                   "(tcp://HOST:PORT or ipc://PATH; data-parallel core i uses PORT+i)")
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         if v is not None and v <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
     configure_logging()
+    engine_kwargs = {**engine_kwargs, "data_parallel_size": args.data_parallel_size,
+                     "data_parallel_policy": args.data_parallel_policy, "kv_events_endpoint": args.kv_events_endpoint}
     engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs)
     config = ServerConfig(
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=api_keys(args),
