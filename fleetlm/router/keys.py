@@ -95,14 +95,12 @@ class PromptHasher:
         return self.tok.encode(p, add_special_tokens=True) if isinstance(p, str) else []
 
     def hashes(self, path: str, obj: dict) -> list[bytes]:
-        from fleetlm.core.block_pool import hash_block
+        """Unsalted hashes: a tenant's salted blocks (issue 15) need the tenant's salt here, which
+        a tenant-aware policy passes through ``core.block_pool.prompt_block_hashes``."""
+        from fleetlm.core.block_pool import prompt_block_hashes
 
         try:
             ids = self.token_ids(path, obj)
         except Exception:  # a prompt the replica will refuse: route it anywhere, it gets its 400 there
             return []
-        out: list[bytes] = []
-        bs = self.block_size
-        for i in range(len(ids) // bs):
-            out.append(hash_block(out[-1] if out else None, ids[i * bs:(i + 1) * bs]))
-        return out
+        return prompt_block_hashes(ids, self.block_size)
