@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
+
+from fleetlm.structured.params import StructuredOutputsParams
 
 INT64 = 1 << 63
 
@@ -37,8 +40,11 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    disable_speculation: bool = False  # this request opts out of speculative decoding
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "structured_outputs", _structured(self.structured_outputs))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif self.stop is None:
@@ -97,6 +103,8 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
+        if self.structured_outputs is not None and self.ignore_eos:
+            bad("ignore_eos", "cannot be used with structured_outputs (the grammar ends on EOS)")
 
     @property
     def greedy(self) -> bool:
@@ -114,3 +122,16 @@ class SamplingParams:
         """Params of the ``index``-th of ``n`` parallel samples: n=1, seed offset by index."""
         seed = None if self.seed is None else (self.seed + index + INT64) % (2 * INT64) - INT64  # stays 64-bit
         return replace(self, n=1, seed=seed)
+
+
+def _structured(value: Any) -> StructuredOutputsParams | None:
+    """``structured_outputs`` as given, or built from a dict of its fields."""
+    if value is None or isinstance(value, StructuredOutputsParams):
+        return value
+    if isinstance(value, dict):
+        unknown = set(value) - set(StructuredOutputsParams.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"SamplingParams.structured_outputs has unknown field(s) {sorted(unknown)}")
+        return StructuredOutputsParams(**value)
+    raise ValueError(f"SamplingParams.structured_outputs must be a StructuredOutputsParams or a dict, "
+                     f"got {type(value).__name__}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fleetlm.sampling_params import SamplingParams
+from fleetlm.structured.bitmask import GrammarBitmask
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class CachedRequestData:
     new_block_ids: list[int]
     num_computed_tokens: int
     new_token_ids: list[int] = field(default_factory=list)  # sampled since the workers last saw it
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify this step (after the known tokens)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)  # workers drop their state
     step_id: int = 0  # increasing; steps in flight at once (pipeline parallel) finish in this order
+    num_spec_tokens: int = 0  # drafts each request may get proposed after this step (speculative decoding)
+    grammar: GrammarBitmask | None = None  # allowed next tokens of the rows that sample under a grammar
 
     @property
     def is_empty(self) -> bool:
@@ -68,6 +72,7 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # req_id -> why it failed alone
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # req_id -> drafts for its next step
 
 
 @dataclass

@@ -6,6 +6,11 @@ in-process; a server drives the same object from its own process.
 With pipeline parallelism the executor takes up to ``pp`` steps at once: ``step`` first fills
 the pipeline with new steps (each holding only requests not already in flight), then waits for
 the oldest and returns its outputs. With one stage that is schedule -> execute -> update.
+
+Structured requests wait for their grammar outside the scheduler (``structured/manager.py``):
+``step`` first admits those whose grammar is compiled, attaches the grammar bitmask of each
+step's sampling rows to its ``SchedulerOutput``, and advances the matchers with the tokens
+each step produced.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from fleetlm.core.scheduler import Scheduler
 from fleetlm.executor.base import EngineDeadError, StepError, StepHandle, get_executor_class
 from fleetlm.metrics.stats import SchedulerStats
 from fleetlm.models.loader import LoadedModel
-from fleetlm.request import Request
+from fleetlm.request import Request, RequestStatus
+from fleetlm.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger("fleetlm")
+
+GRAMMAR_IDLE_WAIT_S = 0.005  # an engine with only grammars compiling waits this long per step
 
 
 class EngineCore:
@@ -41,9 +49,16 @@ class EngineCore:
         sched = SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs, max_model_len,
                                 self.executor.max_concurrent_batches, args.scheduling_policy)
         self.scheduler = Scheduler(sched, self.cache_config)
+        if args.speculative_config is not None:
+            from fleetlm.spec_decode.scheduling import SpecScheduler
+
+            cost = self.executor.collective_rpc("spec_draft_cost")[0]
+            self.scheduler.spec = SpecScheduler(args.speculative_config, cost)
         self.num_failed_steps = 0
         self.in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
         self._deferred: list[EngineCoreOutput] = []  # outputs of steps finished early by _drain
+        self.tokenizer, self.vocab_size = files.tokenizer, files.config.vocab_size
+        self._structured: StructuredOutputManager | None = None  # built on the first structured request
         kv_bytes = self.executor.collective_rpc("kv_bytes_per_token")[0] * self.cache_config.max_tokens
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); prefix caching %s; attention %s",
@@ -55,19 +70,69 @@ class EngineCore:
             logger.info("parallel: tensor %d x pipeline %d ranks (%s executor)", args.tensor_parallel_size,
                         args.pipeline_parallel_size, args.executor_backend)
 
+    @property
+    def structured(self) -> StructuredOutputManager:
+        if self._structured is None:
+            self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size)
+        return self._structured
+
     def add_request(self, req: Request) -> None:
-        self.scheduler.add_request(req)
+        if req.sampling_params.structured_outputs is None:
+            self.scheduler.add_request(req)
+            return
+        self.scheduler.check_request(req)
+        if req.request_id in self.scheduler.requests or req.request_id in self.structured:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.structured.add(req)  # to the scheduler once its grammar is compiled
 
     def abort_requests(self, req_ids: list[str]) -> None:
         self.scheduler.finish_requests(req_ids)
+        if self._structured is not None:
+            self._structured.remove(req_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.in_flight or self._deferred)
+        waiting_grammar = self._structured is not None and bool(self._structured.waiting)
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight or self._deferred) or waiting_grammar
+
+    def _admit_compiled(self) -> None:
+        """Move requests whose grammar is ready into the scheduler; fail those whose is not."""
+        if self._structured is None or not self._structured.waiting:
+            return
+        if not (self.scheduler.has_unfinished_requests() or self.in_flight):
+            self._structured.wait(GRAMMAR_IDLE_WAIT_S)  # nothing else to do: do not spin
+        ready, failed = self._structured.take_ready()
+        for req in ready:
+            self.scheduler.add_request(req)
+        for req, why in failed:
+            logger.warning("request %s: %s", req.request_id, why)
+            self._deferred.append(EngineCoreOutput(req.request_id, [], "error", error=why))
+
+    def _schedule(self) -> SchedulerOutput:
+        so = self.scheduler.schedule()
+        if self._structured is not None and self._structured.matchers and not so.is_empty:
+            grammar = self._structured.bitmask(so.num_scheduled_tokens, self.scheduler.requests)
+            if grammar is not None:
+                so = replace(so, grammar=grammar)
+        return so
+
+    def _update(self, so: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs = self.scheduler.update_from_output(so, result)
+        if self._structured is None or not self._structured.matchers:
+            return outputs
+        for out in outputs:
+            if out.new_token_ids and not self._structured.accept(out.request_id, out.new_token_ids):
+                if not out.finished:
+                    self.scheduler.finish_requests([out.request_id], RequestStatus.FINISHED_ERROR)
+                    out.finish_reason, out.error = "error", "the grammar refused a sampled token"
+            if out.finished:
+                self._structured.remove([out.request_id])
+        return outputs
 
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler
+        self._admit_compiled()
         while len(self.in_flight) < self.executor.max_concurrent_batches and sched.has_schedulable():
-            so = sched.schedule()
+            so = self._schedule()
             if so.is_empty:
                 break
             self.in_flight.append((so, self.executor.execute_model_async(so)))
@@ -89,7 +154,7 @@ class EngineCore:
             sched.kv.rollback(so.step_id)
             raise
         sched.kv.commit(so.step_id)
-        return sched.update_from_output(so, result) + self._take_deferred()
+        return self._update(so, result) + self._take_deferred()
 
     def _take_deferred(self) -> list[EngineCoreOutput]:
         out, self._deferred = self._deferred, []
@@ -110,7 +175,7 @@ class EngineCore:
                 result = self._run_isolated(so, withdrawn)
             else:
                 self.scheduler.kv.commit(so.step_id)
-            self._deferred.extend(self.scheduler.update_from_output(so, result))
+            self._deferred.extend(self._update(so, result))
 
     def _run_isolated(self, so: SchedulerOutput, withdrawn: set[int]) -> ModelRunnerOutput:
         """Run a failed step's requests one per step: one bad request fails alone (its error
@@ -118,6 +183,8 @@ class EngineCore:
         merged = ModelRunnerOutput([], [])
         for sub in self.scheduler.split_step(so, withdrawn):
             (rid,) = sub.num_scheduled_tokens
+            if so.grammar is not None:
+                sub = replace(sub, grammar=so.grammar.subset({rid}))
             try:
                 out = self.executor.execute_model(sub)
             except EngineDeadError:
@@ -133,10 +200,15 @@ class EngineCore:
         return merged
 
     def stats(self) -> SchedulerStats:
-        return replace(self.scheduler.stats(), num_failed_steps=self.num_failed_steps)
+        s = replace(self.scheduler.stats(), num_failed_steps=self.num_failed_steps)
+        if self._structured is not None and self._structured.waiting:  # queued behind their grammar
+            s = replace(s, num_waiting=s.num_waiting + len(self._structured.waiting))
+        return s
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        if self._structured is not None:
+            self._structured.shutdown()
 
 
 def _describe(e: BaseException) -> str:

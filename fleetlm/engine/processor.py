@@ -22,6 +22,7 @@ from fleetlm.models.loader import LoadedModel, ModelConfig, load_model_files
 from fleetlm.models.tokenizer import Tokenizer
 from fleetlm.request import Request
 from fleetlm.sampling_params import SamplingParams
+from fleetlm.structured.backend import check_cached as check_structured
 
 MAX_DEFAULT_MODEL_LEN = 8192
 
@@ -89,6 +90,8 @@ class InputProcessor:
     def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
         """One core request per sample; ``ValueError`` (``KVCacheCapacityError`` for the KV
         limit) before anything is queued if it can never run on this engine."""
+        if params.structured_outputs is not None:
+            check_structured(params.structured_outputs)  # a bad schema is refused here, not in the core
         reqs = fan_out(request_id, prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len)
         check_request_fits(len(prompt_ids), reqs[0].max_tokens, self.max_model_len, self.cache_config)
         return reqs

@@ -1,7 +1,7 @@
 """Batched sampling: every row has its own settings, all applied as tensor ops.
 
-Order (as users of vLLM expect): raw log-probs are taken first (what ``logprobs`` reports), then
-min-tokens bans, repetition / presence / frequency penalties, then greedy rows take the argmax
+Order (as users of vLLM expect): a grammar's bitmask first (structured output: forbidden tokens
+get -inf), then raw log-probs are taken (what ``logprobs`` reports), then min-tokens bans, repetition / presence / frequency penalties, then greedy rows take the argmax
 and the other rows are scaled by temperature, cut by top-k, top-p and min-p, and sampled with an
 exponential race (``argmax(p / q)``, ``q ~ Exp(1)``), each seeded row from its own generator.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from fleetlm.structured.bitmask import apply_token_bitmask
 
 
 @dataclass
@@ -29,6 +31,7 @@ class SamplingMetadata:
     output_token_ids: torch.Tensor | None = None  # [B, max_out] padded with vocab_size
     prompt_token_ids: torch.Tensor | None = None  # [B, max_prompt] padded with vocab_size
     max_num_logprobs: int | None = None
+    grammar_bitmask: torch.Tensor | None = None  # [B, ceil(V/32)] int32; rows without a grammar all ones
 
 
 @dataclass
@@ -84,24 +87,27 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator] | 
 
 
 class NoTokenAllowedError(ValueError):
-    """``min_tokens`` bans every token of the vocabulary (all of them are stop or EOS ids)."""
+    """``min_tokens`` bans every token the row could take (all of the vocabulary, or all that its
+    grammar allows, are stop or EOS ids)."""
 
 
-def check_some_token_allowed(logits: torch.Tensor, rows: torch.Tensor) -> None:
+def check_some_token_allowed(logits: torch.Tensor, rows: torch.Tensor, grammar: bool = False) -> None:
     """Raise rather than emit token 0 from a row whose every logit is banned. The step fails and
     is re-run one request at a time, so only the offending request ends in an error."""
     rows = rows.unique()
     if torch.isneginf(logits[rows]).all(dim=-1).any():
-        raise NoTokenAllowedError("min_tokens cannot be met: stop_token_ids and EOS cover every token, "
-                                  "so none can be sampled")
+        where = "the tokens the grammar allows are all" if grammar else "stop_token_ids and EOS cover every token,"
+        raise NoTokenAllowedError(f"min_tokens cannot be met: {where} EOS or stop ids, so none can be sampled")
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
+        if m.grammar_bitmask is not None:
+            logits = apply_token_bitmask(logits.float(), m.grammar_bitmask)
         raw_logprobs = logits.log_softmax(-1) if m.max_num_logprobs is not None else None
         if m.banned_rows is not None:
             logits = logits.index_put((m.banned_rows, m.banned_cols), torch.tensor(float("-inf")))
-            check_some_token_allowed(logits, m.banned_rows)
+            check_some_token_allowed(logits, m.banned_rows, m.grammar_bitmask is not None)
         if m.output_token_ids is not None:
             logits = apply_penalties(logits, m)
         sampled = logits.argmax(dim=-1)

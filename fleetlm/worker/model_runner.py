@@ -25,6 +25,7 @@ from fleetlm.distributed.communication import recv_from_prev_stage, send_to_next
 from fleetlm.distributed.parallel_state import parallel_state
 from fleetlm.layers.linear import kv_heads_per_rank
 from fleetlm.sample.sampler import Sampler, SamplerOutput
+from fleetlm.structured.bitmask import GrammarBitmask
 from fleetlm.worker.input_batch import CachedRequestState, build_sampling_metadata
 
 FAULT_ENV = "FLEETLM_FAULT_TOKEN_ID"
@@ -47,6 +48,7 @@ class ModelRunner:
         self._pending_sends: list = []
         self.phase = "prepare"  # where the last step was: prepare | forward | sample
         self.states: dict[str, CachedRequestState] = {}
+        self.spec = None  # speculative decoding (fleetlm/spec_decode/worker_hook.py), set by the worker
         fault = os.environ.get(FAULT_ENV)
         self.fault_token_id = int(fault) if fault else None
 
@@ -66,6 +68,8 @@ class ModelRunner:
         shape = (len(layers), 2, num_blocks, self.block_size, self.num_kv_heads, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.kv_caches = dict(zip(layers, self.kv_cache.unbind(0)))
+        if self.spec is not None:
+            self.spec.initialize_kv_cache(num_blocks)
 
     # -- state ----------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -80,6 +84,7 @@ class ModelRunner:
             st.block_ids.extend(r.new_block_ids)
             st.output_token_ids.extend(r.new_token_ids)
             st.num_computed_tokens = r.num_computed_tokens
+            st.spec_token_ids = list(r.spec_token_ids)
 
     def _layout(self, so: SchedulerOutput) -> tuple[list[CachedRequestState], BatchLayout, torch.Tensor, torch.Tensor]:
         ids = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
@@ -119,10 +124,12 @@ class ModelRunner:
         if not self.rank.is_last_stage:
             self._send_intermediate(hidden)
             return None
-        return self._sample_step(states, layout, hidden)
+        if self.spec is not None:
+            return self.spec.sample_step(so, states, layout, hidden, input_ids)
+        return self._sample_step(states, layout, hidden, so.grammar)
 
     def _sample_step(self, states: list[CachedRequestState], layout: BatchLayout,
-                     hidden: torch.Tensor) -> ModelRunnerOutput | None:
+                     hidden: torch.Tensor, grammar: GrammarBitmask | None = None) -> ModelRunnerOutput | None:
         """Logits for the rows that sample (and prompt log-probs); every TP rank of the last stage
         joins the gathers, the output rank samples."""
         ends = np.cumsum(layout.query_lens)
@@ -139,7 +146,10 @@ class ModelRunner:
             self.phase = "sample"  # after the last collective: only the output rank works on
             if logits is not None:
                 sampling = [states[i] for i in samples]
-                result = self.sampler(logits, build_sampling_metadata(sampling, logits.shape[1], self.device))
+                meta = build_sampling_metadata(sampling, logits.shape[1], self.device)
+                if grammar is not None:
+                    meta.grammar_bitmask = grammar.rows_for([s.req_id for s in sampling])
+                result = self.sampler(logits, meta)
                 self._emit(out, samples, sampling, result)
         return out if self.rank.is_output_rank else None
 
