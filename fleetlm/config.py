@@ -7,7 +7,7 @@ error, never ignored.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,6 +76,7 @@ class EngineArgs:
     data_parallel_size: int = 1  # engine cores, each its own process and KV cache, behind one front end
     data_parallel_policy: str = "least_load"  # how the front end picks a core (fleetlm/router/policies.py)
     kv_events_endpoint: str | None = None  # ZMQ PUB endpoint for KV events (tcp://host:port | ipc://path)
+    speculative_config: dict | None = field(default=None, hash=False)  # vLLM's spelling (fleetlm/spec_decode)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -128,8 +129,19 @@ class EngineArgs:
             raise ValueError(f"distributed_executor_backend 'uniproc' runs one rank, but tensor_parallel_size x "
                              f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")
         self._check_data_parallel()
+        self._check_speculative()
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
+
+    def _check_speculative(self) -> None:
+        if self.speculative_config is None:
+            return
+        from fleetlm.spec_decode.config import SpeculativeConfig
+
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+        if self.world_size > 1:
+            raise ValueError("speculative_config: speculative decoding runs with one rank for now "
+                             "(tensor_parallel_size = pipeline_parallel_size = 1)")
 
     def _check_data_parallel(self) -> None:
         if self.kv_events_endpoint is not None:

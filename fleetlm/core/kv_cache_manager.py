@@ -74,16 +74,19 @@ class KVCacheManager:
         return hits, len(hits) * bs
 
     def allocate_slots(
-        self, req: Request, num_new_tokens: int, computed_blocks: list[KVCacheBlock] | None = None
+        self, req: Request, num_new_tokens: int, computed_blocks: list[KVCacheBlock] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> list[KVCacheBlock] | None:
         """Give ``req`` blocks for ``num_new_tokens`` more tokens after its computed ones (plus
-        any prefix hit in ``computed_blocks``). Returns the new blocks, or ``None`` (and changes
-        nothing) if the pool cannot supply them."""
+        any prefix hit in ``computed_blocks``) and ``num_lookahead_tokens`` slots past them (a
+        speculative draft's own cache writes there). Returns the new blocks, or ``None`` (and
+        changes nothing) if the pool cannot supply them. Only known tokens are ever hashed: draft
+        tokens scheduled past ``req.num_tokens`` never enter the prefix cache."""
         computed_blocks = computed_blocks or []
         blocks = self.req_to_blocks.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
-        need = self.blocks_needed(total) - len(blocks) - len(computed_blocks)
+        need = self.blocks_needed(total + num_lookahead_tokens) - len(blocks) - len(computed_blocks)
         evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if need > self.pool.num_free_blocks - evictable_hits:
             if not blocks:
@@ -94,7 +97,7 @@ class KVCacheManager:
         new = self.pool.get_new_blocks(max(need, 0))
         blocks.extend(new)
         if self.enable_caching:
-            self._cache_full_blocks(req, blocks, total)
+            self._cache_full_blocks(req, blocks, min(total, req.num_tokens))
         return new
 
     def _cache_full_blocks(self, req: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:

@@ -70,6 +70,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_adds_seen = 0
         self.num_tokens_seen = 0
+        self.spec = None  # SpecScheduler (fleetlm/spec_decode/scheduling.py) when speculation is on
 
     # -- admission ----------------------------------------------------------------------------
     def check_request(self, req: Request) -> None:
@@ -102,6 +103,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             num_adds_seen=self.num_adds_seen,
             num_tokens_seen=self.num_tokens_seen,
+            tenant_preemptions=dict(self.waiting.preemptions) or None,
         )
 
     def split_step(self, so: SchedulerOutput, withdrawn: set[int] = frozenset()) -> list[SchedulerOutput]:
@@ -115,6 +117,9 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None:
                 continue
+            if self.spec is not None:  # the sub-step recomputes without the failed step's drafts
+                k = self.spec.take_scheduled(rid)
+                req.num_computed_tokens, n = req.num_computed_tokens - k, n - k
             before = req.num_computed_tokens - n
             blocks = self.kv.block_ids(rid)
             unwritten = [i * bs for i, b in enumerate(blocks) if b in withdrawn and i * bs < before]
@@ -154,8 +159,10 @@ class Scheduler:
             if req.request_id in self._in_flight:
                 i += 1
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            new_blocks = self.kv.allocate_slots(req, n)
+            drafts = self.spec.drafts_for(req, budget, self.config.max_model_len) if self.spec else []
+            n = min(req.num_tokens - req.num_computed_tokens, budget) + len(drafts)
+            look = self.spec.lookahead(req, n) if self.spec else 0
+            new_blocks = self.kv.allocate_slots(req, n, num_lookahead_tokens=look)
             while new_blocks is None:
                 victim = self._pick_victim(i)
                 if victim is None:
@@ -165,10 +172,10 @@ class Scheduler:
                 preempted = True
                 if victim is req:
                     break
-                new_blocks = self.kv.allocate_slots(req, n)
+                new_blocks = self.kv.allocate_slots(req, n, num_lookahead_tokens=look)
             if new_blocks is None:
                 break
-            self._record(req, n, new_blocks, new_reqs, cached_reqs)
+            self._record(req, n, new_blocks, new_reqs, cached_reqs, drafts)
             num_scheduled[req.request_id] = n
             budget -= n
             i += 1
@@ -206,6 +213,7 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self._finished_ids,
             step_id=step_id,
+            num_spec_tokens=self.spec.step_k(len(self.running)) if self.spec else 0,
         )
         self._finished_ids = set()
         return out
@@ -224,7 +232,7 @@ class Scheduler:
         admitted of the lowest priority."""
         return self.waiting.pick_victim([r for r in self.running[first:] if r.request_id not in self._in_flight])
 
-    def _record(self, req: Request, n: int, new_blocks, new_reqs, cached_reqs) -> None:
+    def _record(self, req: Request, n: int, new_blocks, new_reqs, cached_reqs, drafts: list[int] = ()) -> None:
         rid = req.request_id
         self.waiting.charge(req, n)  # the policy's service accounting (fair share)
         seen = self._on_workers.get(rid)
@@ -232,12 +240,16 @@ class Scheduler:
             new_tokens = req.output_token_ids[seen:]
             self._on_workers[rid] = len(req.output_token_ids)
             cached_reqs.append(CachedRequestData(rid, [b.block_id for b in new_blocks], req.num_computed_tokens,
-                                                 new_tokens))
+                                                 new_tokens, list(drafts)))
+            if self.spec is not None:
+                self.spec.on_scheduled(rid, len(drafts))
             return
         self._on_workers[rid] = len(req.output_token_ids)
         new_reqs.append(self.new_request_data(rid))
 
     def _preempt(self, req: Request) -> None:
+        if self.spec is not None:
+            self.spec.forget(req.request_id)
         self.kv.free(req)
         self._forget_on_workers(req.request_id)
         req.status = RequestStatus.PREEMPTED
@@ -265,18 +277,23 @@ class Scheduler:
             if req is None or req.is_finished or req.status != RequestStatus.RUNNING:
                 continue
             prompt_lps = result.prompt_logprobs.get(rid)
+            if self.spec is not None:  # rejected drafts come off num_computed_tokens
+                self.spec.on_output(req, tokens, result.spec_token_ids.get(rid))
             if not tokens and prompt_lps is None:
                 continue
+            kept = 0
             for t in tokens:
                 req.output_token_ids.append(t)
+                kept += 1
                 if self._check_stop(req, t):
                     break
+            lps = result.logprobs.get(rid)
             outputs.append(
                 EngineCoreOutput(
-                    rid, tokens,
+                    rid, tokens[:kept],  # none past a stop (several tokens per step when speculating)
                     finish_reason=req.status.value if req.is_finished else None,
                     stop_reason=req.stop_reason,
-                    new_logprobs=result.logprobs.get(rid),
+                    new_logprobs=lps[:kept] if lps is not None else None,
                     prompt_logprobs=prompt_lps,
                     num_cached_tokens=max(req.num_cached_tokens, 0),
                     first_scheduled_time=req.first_scheduled_time,
@@ -301,6 +318,9 @@ class Scheduler:
         return False
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        if self.spec is not None:
+            self.spec.forget(req.request_id)
+            self.spec.take_scheduled(req.request_id)
         req.status = status
         if req in self.running:
             self.running.remove(req)

@@ -23,12 +23,16 @@ class CachedRequestState:
     num_computed_tokens: int
     eos_token_ids: tuple[int, ...]
     prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts scheduled after the known tokens
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def tokens(self, start: int, end: int) -> list[int]:
+        if end > self.num_tokens:  # the drafts being verified follow the known tokens
+            n = self.num_tokens
+            return self.tokens(start, n) + self.spec_token_ids[max(0, start - n) : end - n]
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]

@@ -59,6 +59,11 @@ class Worker:
         self.runner = ModelRunner(model, block_size=self.args.block_size, device=self.device,
                                   eos_token_ids=files.tokenizer.eos_token_ids,
                                   attention_backend=self.args.attention_backend)
+        if self.args.speculative_config is not None:
+            from fleetlm.spec_decode.worker_hook import SpecDecodeWorker
+
+            self.runner.spec = SpecDecodeWorker(self.args.speculative_config, self.runner, files.tokenizer,
+                                                self.max_model_len)
 
     def ready(self) -> int:
         return self.rank.rank
@@ -66,7 +71,12 @@ class Worker:
     def kv_bytes_per_token(self) -> int:
         """This rank's KV bytes per token: its stage's layers, its KV heads."""
         r = self.runner
-        return kv_cache_bytes_per_token(len(r.layer_ids), r.num_kv_heads, r.cfg.head_dim, self.dtype.itemsize)
+        own = kv_cache_bytes_per_token(len(r.layer_ids), r.num_kv_heads, r.cfg.head_dim, self.dtype.itemsize)
+        return own + (r.spec.kv_bytes_per_token() if r.spec is not None else 0)  # a draft's cache shares the blocks
+
+    def spec_draft_cost(self) -> float:
+        """The proposer's cost per draft token, as a fraction of a target step."""
+        return self.runner.spec.proposer.draft_cost()
 
     def kv_cache_bytes(self) -> int:
         return 0 if self.runner.kv_cache is None else self.runner.kv_cache.nbytes

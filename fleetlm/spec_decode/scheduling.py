@@ -1,0 +1,135 @@
+"""The scheduler's side of speculation: drafts are bookkeeping on ``num_computed_tokens``.
+
+- A decoding request (exactly one known token not yet computed) with drafts asks for
+  ``1 + len(drafts)`` tokens; drafts are cut to the step's budget, to ``max_tokens`` and to
+  ``max_model_len``. The scheduler adds them to ``num_computed_tokens`` like any token.
+- After the step, ``rejected = drafts - (emitted - 1)`` comes off ``num_computed_tokens`` again:
+  the rejected positions' K/V slots are simply overwritten later. They are never hashed into
+  the prefix cache: the KV manager only hashes blocks full of *known* tokens (``req.num_tokens``
+  caps it), and drafts are not known tokens.
+- Proposers with their own cache write a few positions ahead of the target; the scheduler
+  allocates those slots (``lookahead``) but never more than the request can reach.
+
+Adaptive k (docs/SPEC_DECODE.md): with per-draft acceptance ``a`` (a moving average of the
+measured rate), a step with k drafts emits ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens per request
+and costs, relative to a step without drafts, ``C(k) = f(B (1 + k)) / f(B) + k c`` where ``B`` is
+the number of running requests, ``f(T) = max(1, T / knee_tokens)`` (a step is memory bound
+below the knee, compute bound above it) and ``c`` the proposer's cost per draft. The step uses
+the k in ``0..K`` that maximises ``E(k) / C(k)``; ``k = 0`` (no drafts) when nothing beats 1.
+While speculation is off, one step in ``PROBE_EVERY`` drafts one token to keep measuring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fleetlm.request import Request
+from fleetlm.spec_decode.config import SpeculativeConfig
+
+PROBE_EVERY = 32
+EMA_WEIGHT = 0.05
+PRIOR_ACCEPTANCE = 0.5
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative counters with vLLM's meanings: a *draft* is one request's run of draft tokens
+    in one step; ``accepted_per_pos[j]`` counts drafts whose token j (0-based) was accepted."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        for j in range(num_accepted):
+            self.accepted_per_pos[j] += 1
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens one verification emits with k drafts, each accepted with probability ``a``."""
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def best_k(a: float, batch: int, k_max: int, knee: int, draft_cost: float) -> int:
+    def f(tokens: int) -> float:
+        return max(1.0, tokens / knee)
+
+    best, best_gain = 0, 1.0
+    for k in range(1, k_max + 1):
+        gain = expected_tokens(a, k) / (f(batch * (1 + k)) / f(batch) + k * draft_cost)
+        if gain > best_gain + 1e-9:
+            best, best_gain = k, gain
+    return best
+
+
+class SpecScheduler:
+    def __init__(self, config: SpeculativeConfig, draft_cost: float) -> None:
+        self.config = config
+        self.draft_cost = config.draft_cost if config.draft_cost is not None else draft_cost
+        self.drafts: dict[str, list[int]] = {}  # proposed for the request's next step
+        self.scheduled: dict[str, int] = {}  # drafts in the step in flight, per request
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.acceptance = PRIOR_ACCEPTANCE
+        self._steps_off = 0
+        self.last_k = config.num_speculative_tokens
+
+    # -- per step -------------------------------------------------------------------------------
+    def step_k(self, num_running: int) -> int:
+        """Drafts each request may get proposed after this step (the adaptive rule)."""
+        c = self.config
+        if c.disable_by_batch_size is not None and num_running >= c.disable_by_batch_size:
+            k = 0
+        elif not c.adaptive:
+            k = c.num_speculative_tokens
+        else:
+            k = best_k(self.acceptance, max(1, num_running), c.num_speculative_tokens, c.knee_tokens, self.draft_cost)
+            if k == 0:
+                self._steps_off += 1
+                if self._steps_off >= PROBE_EVERY:
+                    self._steps_off, k = 0, 1
+        self.last_k = k
+        return k
+
+    # -- per request ------------------------------------------------------------------------------
+    def drafts_for(self, req: Request, budget: int, max_model_len: int) -> list[int]:
+        """The drafts to verify in this step (consumed), cut to what fits."""
+        drafts = self.drafts.pop(req.request_id, [])
+        if not drafts or req.num_tokens - req.num_computed_tokens != 1:
+            return []
+        room = min(budget - 1, req.max_tokens - req.num_output_tokens - 1, max_model_len - req.num_tokens)
+        return drafts[: max(0, room)]
+
+    def lookahead(self, req: Request, num_new_tokens: int) -> int:
+        """Slots past this step's tokens that a proposer with its own cache may write."""
+        if not self.config.uses_draft_kv:
+            return 0
+        reach = req.num_prompt_tokens + req.max_tokens  # no position at or past this is ever written
+        end = req.num_computed_tokens + num_new_tokens
+        return max(0, min(self.config.num_speculative_tokens, reach - end))
+
+    def on_scheduled(self, req_id: str, num_drafts: int) -> None:
+        if num_drafts:
+            self.scheduled[req_id] = num_drafts
+
+    def take_scheduled(self, req_id: str) -> int:
+        """Drafts of ``req_id`` in the step just finished (or being split after a failure)."""
+        return self.scheduled.pop(req_id, 0)
+
+    def on_output(self, req: Request, emitted: list[int], new_drafts: list[int] | None) -> None:
+        """Roll back the rejected drafts and keep the next ones."""
+        k = self.take_scheduled(req.request_id)
+        if k:
+            accepted = max(0, len(emitted) - 1)
+            req.num_computed_tokens -= k - accepted
+            self.stats.record(k, accepted)
+            self.acceptance += EMA_WEIGHT * (accepted / k - self.acceptance)
+        if new_drafts:
+            self.drafts[req.request_id] = list(new_drafts)
+
+    def forget(self, req_id: str) -> None:
+        """Preempted or finished: its drafts are void."""
+        self.drafts.pop(req_id, None)
