@@ -57,6 +57,25 @@ def test_fit_recovers_a_known_model_despite_outliers():
         assert model.time(s) == pytest.approx(true.time(s), rel=0.05)
 
 
+def test_fit_follows_the_mean_under_skewed_noise():
+    """A shared machine slows steps a little, often (right-skewed noise): the profile must
+    predict the mean step time, which latencies add up, not the fastest steps."""
+    true = TableStepModel((1.0, 64.0, 512.0), (0.04, 0.06, 0.15), 3e-4, 3e-6, 1.5e-7)
+    rng = np.random.default_rng(1)
+    shapes = []
+    for _ in range(400):
+        b, ctx, n = int(rng.integers(1, 64)), int(rng.integers(64, 1024)), int(rng.integers(16, 512))
+        shapes.append(StepShape(b, b, b * ctx, 0, b * ctx, b) if rng.random() < 0.6
+                      else StepShape(n, 1, 0, chunk_pairs(0, n), 2 * n, 1, prefill_segments=1))
+    slow = 1 + rng.exponential(0.15, len(shapes))  # mean 1.15, median about 1.10
+    times = [true.time(s) * f for s, f in zip(shapes, slow)]
+    model, fit = fit_table_model(shapes, times, knots=true.knots)
+    pred, t = np.array([model.time(s) for s in shapes]), np.array(times)
+    assert np.mean(t / pred) == pytest.approx(1.0, abs=0.02)
+    for s in shapes[:40]:
+        assert model.time(s) == pytest.approx(1.15 * true.time(s), rel=0.06)
+
+
 def test_nnls_matches_the_constrained_optimum():
     a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert nnls(a, np.array([1.0, -1.0, 0.0])) == pytest.approx([0.5, 0.0])
