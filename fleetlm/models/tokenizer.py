@@ -65,8 +65,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` (``[{"role": ..., "content": ...}]``) with the model's template."""
+    @property
+    def template_renders_tools(self) -> bool:
+        """Does the chat template use a ``tools`` variable (else tools go in a system message)?"""
+        return bool(self.chat_template) and "tools" in self.chat_template
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render ``messages`` (``[{"role": ..., "content": ...}]``) with the model's template;
+        ``tools`` (OpenAI function definitions) are passed to templates that render them."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         for i, m in enumerate(messages):
@@ -84,6 +91,7 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=tok(self.bos_token_id) if self.bos_token_id is not None else "",
             eos_token=tok(self.eos_token_id) if self.eos_token_id is not None else "",
+            **({"tools": tools} if tools is not None else {}),
         )
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -12,12 +12,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from fleetlm.entrypoints.openai.structured_protocol import StructuredFields, ToolFields
 from fleetlm.sampling_params import SamplingParams
+from fleetlm.structured.params import StructuredOutputsParams
+from fleetlm.structured.tools import call_text
 
 UNSUPPORTED = {
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+    "functions", "function_call", "logit_bias",
     "suffix", "audio", "modalities", "prediction", "store", "metadata", "service_tier",
-    "reasoning_effort", "web_search_options", "response_format", "best_of",
+    "reasoning_effort", "web_search_options", "best_of",
 }
 
 Number = Annotated[float, Field(allow_inf_nan=False, strict=True)]
@@ -51,8 +54,8 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _Sampling(BaseModel):
-    """Fields shared by completions and chat completions."""
+class _Sampling(StructuredFields):
+    """Fields shared by completions and chat completions (output constraints: StructuredFields)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -76,6 +79,8 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    priority: Int | None = None  # lower runs first (as vLLM); with --tenants, within the tenant's range
+    cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None  # private prefix-cache salt
 
     @model_validator(mode="after")
     def _check(self):
@@ -108,8 +113,9 @@ class _Sampling(BaseModel):
                               "stop_token_ids")
         return ids
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
-        kw: dict[str, Any] = dict(
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
+        kw: dict[str, Any] = dict(structured_outputs=structured,
             n=self.n, stop=self.stop_list(), seed=self.seed, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
             stop_token_ids=self.stop_ids(), skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, max_tokens=max_tokens,
@@ -160,7 +166,7 @@ class CompletionRequest(_Sampling):
 
     def to_sampling_params(self) -> SamplingParams:
         prompt_lp = self.logprobs if self.echo and self.logprobs is not None else None
-        return self.sampling_params(self.max_tokens, self.logprobs, prompt_lp)
+        return self.sampling_params(self.max_tokens, self.logprobs, prompt_lp, self.structured_params())
 
 
 class TextPart(BaseModel):
@@ -169,22 +175,53 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class AssistantToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant: calls it made earlier
+    tool_call_id: str | None = None  # tool: the call this message answers
 
-    def as_dict(self, with_name: bool = True) -> dict[str, str]:
-        """The message as the chat template sees it (``name`` only if set and ``with_name``)."""
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls is only allowed on assistant messages")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id")
+        return self
+
+    def as_dict(self, with_name: bool = True) -> dict[str, Any]:
+        """The message as the chat template sees it (``name`` only if set and ``with_name``).
+        Earlier tool calls are also written into the content in the format the model emits
+        them, so a template that ignores ``tool_calls`` still shows them."""
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        d = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if with_name and self.name is not None:
             d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            d["content"] = "\n".join([content] * bool(content)
+                                     + [call_text(c.function.name, c.function.arguments) for c in self.tool_calls])
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
         return d
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, ToolFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Int | None = None
     max_completion_tokens: Int | None = None
@@ -202,7 +239,7 @@ class ChatCompletionRequest(_Sampling):
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         n_lp = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(limit, n_lp, None)
+        return self.sampling_params(limit, n_lp, None, self.structured_params(self.tool_constraint()))
 
 
 class TokenizeRequest(BaseModel):
