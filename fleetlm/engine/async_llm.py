@@ -26,6 +26,7 @@ from fleetlm.engine.processor import InputProcessor, load_engine_parts
 from fleetlm.executor.base import EngineDeadError
 from fleetlm.metrics.stats import SchedulerStats
 from fleetlm.outputs import RequestOutput
+from fleetlm.request import Tenancy
 from fleetlm.sampling_params import SamplingParams
 
 logger = logging.getLogger("fleetlm")
@@ -121,7 +122,7 @@ class AsyncLLM:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                     *, stream: bool = False, arrival_time: float | None = None, record: bool = True,
-                    admit: bool = True, timeout: float | None = None) -> RequestStream:
+                    admit: bool = True, timeout: float | None = None, tenancy: Tenancy | None = None) -> RequestStream:
         """Validate, admit and send one request; its outputs come from the returned stream.
 
         Raises ``ValueError`` (bad request), ``QueueFullError`` or ``EngineDeadError``, having
@@ -134,6 +135,8 @@ class AsyncLLM:
         if admit:
             self.check_queue_bounds(params.n, len(prompt_ids) * params.n)  # before fanning out n
         reqs = self.processor.make_requests(request_id, prompt_ids, params)
+        for r in reqs if tenancy is not None else ():
+            r.tenancy = tenancy
         if admit:
             self._admit(len(reqs), len(prompt_ids) * len(reqs))
         arrival = arrival_time or time.monotonic()
@@ -162,6 +165,11 @@ class AsyncLLM:
                 yield out
         finally:
             rs.close()
+
+    def has_started(self, request_id: str) -> bool:
+        """Has the core scheduled ``request_id`` yet (or is it gone)? For per-tenant queue bounds."""
+        ps = self.output_processor.parents.get(request_id)
+        return ps is None or ps.metrics.first_scheduled_time is not None
 
     def abort(self, request_id: str) -> None:
         """Drop a request everywhere (safe to call twice, and from a ``finally`` block)."""

@@ -124,7 +124,7 @@ class AsyncMPClient(EngineCoreClient):
     @staticmethod
     def encode_add(reqs: list[Request], arrival: float) -> AddRequests:
         return AddRequests([NewRequest(r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_ids,
-                                       arrival) for r in reqs])
+                                       arrival, r.tenancy) for r in reqs])
 
     def encode(self, msg) -> bytes:
         return self._enc.encode(msg)

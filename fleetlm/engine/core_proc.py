@@ -26,7 +26,7 @@ from fleetlm.config import EngineArgs
 from fleetlm.core.sched_output import EngineCoreOutput
 from fleetlm.executor.base import EngineDeadError
 from fleetlm.metrics.stats import SchedulerStats
-from fleetlm.request import Request
+from fleetlm.request import NO_TENANCY, Request, Tenancy
 from fleetlm.sampling_params import SamplingParams
 
 logger = logging.getLogger("fleetlm")
@@ -41,6 +41,7 @@ class NewRequest(msgspec.Struct, array_like=True):
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
     arrival_time: float
+    tenancy: Tenancy | None = None  # tenant, priority, cache salt (issue 15)
 
 
 class AddRequests(msgspec.Struct, tag="add", array_like=True):
@@ -179,7 +180,8 @@ class EngineCoreLoop:
         if isinstance(msg, AddRequests):
             for r in msg.requests:
                 self.core.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params,
-                                              eos_token_ids=tuple(r.eos_token_ids), arrival_time=r.arrival_time))
+                                              eos_token_ids=tuple(r.eos_token_ids), arrival_time=r.arrival_time,
+                                              tenancy=r.tenancy or NO_TENANCY))
         elif isinstance(msg, AbortRequests):
             self.core.abort_requests(msg.request_ids)
         else:

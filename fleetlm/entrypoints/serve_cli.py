@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--health-timeout", type=float, default=30.0,
                    help="/health fails if the engine loop does not answer a ping within this many seconds")
     g.add_argument("--enable-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
+    g.add_argument("--tenants", type=Path, help="TOML file: API keys -> tenants with weights, limits, priority ranges "
+                   "and cache salts (docs/TENANCY.md); reloaded on SIGHUP")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "fair"],
+                   help="fcfs (priority, then arrival) or fair (per-tenant weighted fair share); default: fair "
+                        "with --tenants, else fcfs")
     d = p.add_argument_group("data parallel and KV events (docs/ROUTER.md)")
     d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="engine cores behind this server, each its own process and KV cache")
@@ -69,16 +74,23 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         if v is not None and v <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
     configure_logging()
-    engine_kwargs = {**engine_kwargs, "data_parallel_size": args.data_parallel_size,
+    keys = api_keys(args)
+    if args.tenants is not None:
+        from fleetlm.tenancy.config import load_tenants_file
+
+        load_tenants_file(args.tenants, keys)  # a bad file is exit code 2 now, not after loading the model
+    policy = args.scheduling_policy or ("fair" if args.tenants is not None else "fcfs")
+    engine_kwargs = {**engine_kwargs, "scheduling_policy": policy, "data_parallel_size": args.data_parallel_size,
                      "data_parallel_policy": args.data_parallel_policy, "kv_events_endpoint": args.kv_events_endpoint}
     engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs)
     config = ServerConfig(
-        host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=api_keys(args),
+        host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=keys,
         metrics_public=args.metrics_public, max_request_body_bytes=args.max_request_body_bytes,
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
         health_timeout=args.health_timeout, timeout_keep_alive=args.timeout_keep_alive,
         max_connections=args.max_connections, enable_docs=args.enable_docs,
+        tenants_file=None if args.tenants is None else str(args.tenants),
     )
     raise_fd_limit(config.max_connections)
     return asyncio.run(serve(engine_args, config))

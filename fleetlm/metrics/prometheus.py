@@ -67,6 +67,7 @@ class PrometheusMetrics:
                              labelnames=["model_name", "status"], registry=r)
         self.model_name = model_name
         self._last = SchedulerStats()
+        self.tenants = None  # per-tenant metrics (fleetlm/tenancy/metrics.py), set with --tenants
 
     # -- StatsSink ----------------------------------------------------------------------------
     def on_request_added(self, num_prompt_tokens: int) -> None:
@@ -105,6 +106,8 @@ class PrometheusMetrics:
         self.preemptions.inc(max(0, s.num_preemptions - last.num_preemptions))
         self.failed_steps.inc(max(0, s.num_failed_steps - last.num_failed_steps))
         self._last = s
+        if self.tenants is not None:
+            self.tenants.on_scheduler_stats(s)
 
     def on_http_response(self, status: int) -> None:
         self._http.labels(self.model_name, str(status)).inc()

@@ -23,3 +23,4 @@ class SchedulerStats:
     num_adds_seen: int = 0  # cumulative sequences received by the core (for front-end queue accounting)
     num_tokens_seen: int = 0  # cumulative prompt tokens of those sequences
     num_failed_steps: int = 0  # cumulative steps that raised and were retried one request at a time
+    tenant_preemptions: dict[str, int] | None = None  # cumulative preemptions per tenant id (issue 15)

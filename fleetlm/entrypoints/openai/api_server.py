@@ -48,6 +48,8 @@ from fleetlm.entrypoints.openai.serving_chat import ChatHandler
 from fleetlm.entrypoints.openai.serving_completion import CompletionHandler
 from fleetlm.entrypoints.openai.sse import SSEResponse
 from fleetlm.metrics.prometheus import PrometheusMetrics
+from fleetlm.tenancy.admission import CURRENT, TENANT_SCOPE_KEY
+from fleetlm.tenancy.server import install_tenants, request_context, tenant_gate
 
 __all__ = ["ServerConfig", "ServerState", "build_app", "serve"]
 
@@ -59,6 +61,7 @@ def build_app(state: ServerState):
     app = FastAPI(title="fleetlm", version=__version__, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     serving = OpenAIServing(state.engine, state.model_name)
+    serving.gate = tenant_gate(state)  # quotas, salts and per-tenant metrics (fleetlm/tenancy)
     completions, chat = CompletionHandler(serving), ChatHandler(serving)
 
     install_error_handlers(app, state.config.max_request_body_bytes)
@@ -73,10 +76,14 @@ def build_app(state: ServerState):
         check_model(req.model)
         if req.user:
             logger.info("request from user %r", req.user)
+        ctx = request_context(state.tenants, request.scope.get(TENANT_SCOPE_KEY), req.priority, req.cache_salt)
+        token = CURRENT.set(ctx)
         try:
             rid, prepared, streams = handler.prepare(req, arrival)
         except Exception as e:
             raise engine_error(e) from None
+        finally:
+            CURRENT.reset(token)
         if req.stream:
             return SSEResponse(handler.stream(req, rid, prepared, streams), on_close=lambda: close_all(streams))
         try:
@@ -144,7 +151,8 @@ def build_app(state: ServerState):
     return GuardMiddleware(app, api_keys=list(state.config.api_keys), metrics_public=state.config.metrics_public,
                            max_body_bytes=state.config.max_request_body_bytes, gate=state.gate,
                            on_status=lambda s: state.metrics.on_http_response(s),
-                           over_connection_limit=state.over_connection_limit)
+                           over_connection_limit=state.over_connection_limit,
+                           authenticate=state.tenants.authenticate if state.tenants is not None else None)
 
 
 async def serve(args: EngineArgs, config: ServerConfig) -> int:
@@ -155,6 +163,7 @@ async def serve(args: EngineArgs, config: ServerConfig) -> int:
                       max_queued_tokens=config.max_queued_tokens, request_timeout=config.request_timeout,
                       stats_sink=metrics)
     state = ServerState(config, engine, metrics, name)
+    install_tenants(state)  # --tenants: registry, per-tenant metrics, SIGHUP reload
     app = build_app(state)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
                         timeout_graceful_shutdown=5, lifespan="off", http=GuardedH11Protocol,

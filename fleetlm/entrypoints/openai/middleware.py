@@ -41,7 +41,8 @@ class GuardMiddleware:
 
     def __init__(self, app, *, api_keys: list[str], metrics_public: bool, max_body_bytes: int,
                  gate: Callable[[str], tuple[int, str, str] | None], on_status: Callable[[int], None],
-                 over_connection_limit: Callable[[], bool] = lambda: False) -> None:
+                 over_connection_limit: Callable[[], bool] = lambda: False,
+                 authenticate: Callable[[bytes], str | None] | None = None) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys]
         self.metrics_public = metrics_public
@@ -49,6 +50,7 @@ class GuardMiddleware:
         self.gate = gate
         self.on_status = on_status
         self.over_connection_limit = over_connection_limit
+        self.authenticate = authenticate  # with --tenants: key -> tenant id (fleetlm/tenancy), else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -68,7 +70,11 @@ class GuardMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await send_error(counting_send, 413, f"request body exceeds {self.max_body} bytes",
                                     "invalid_request_error", "body_too_large")
-        if self.keys and path not in OPEN_PATHS and not (self.metrics_public and path == "/metrics"):
+        if self.authenticate is not None and path not in OPEN_PATHS and not (self.metrics_public and path == "/metrics"):
+            refused = self._tenant(scope, headers.get(b"authorization", b""), path)
+            if refused is not None:
+                return await send_error(counting_send, *refused)
+        elif self.keys and path not in OPEN_PATHS and not (self.metrics_public and path == "/metrics"):
             if not self._authorized(headers.get(b"authorization", b"")):
                 return await send_error(counting_send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
                                         "authentication_error", "invalid_api_key",
@@ -101,6 +107,19 @@ class GuardMiddleware:
                                  "invalid_request_error", "body_too_large")
         except ClientDisconnect:  # the client left (or sent broken framing): no one to answer
             pass
+
+    def _tenant(self, scope, header: bytes, path: str) -> tuple | None:
+        """Map the key to its tenant (``scope["fleetlm.tenant"]``); the refusal to send, or None.
+        ``/metrics`` (every tenant's figures) is for the operator's keys (--api-key) only."""
+        scheme, _, token = header.partition(b" ")
+        tenant = self.authenticate(token.strip() if scheme.lower() == b"bearer" else b"")
+        if tenant is None:
+            return (401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error",
+                    "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        if path == "/metrics" and tenant != "default":
+            return 403, "/metrics is for the operator's keys (--api-key)", "permission_error", "forbidden"
+        scope["fleetlm.tenant"] = tenant
+        return None
 
     def _authorized(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")

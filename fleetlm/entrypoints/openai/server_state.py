@@ -40,6 +40,7 @@ class ServerConfig:
     timeout_keep_alive: float = 10.0  # seconds a connection may stay idle or take to send a request
     max_connections: int | None = 1000  # open connections; a request on one more gets 503
     enable_docs: bool = False  # serve /docs, /redoc and /openapi.json
+    tenants_file: str | None = None  # --tenants: API keys -> tenants, weights, limits (fleetlm/tenancy)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ServerState:
     draining: bool = False
     load_error: str | None = None
     connection_count: Callable[[], int] = lambda: 0  # set once the HTTP server exists
+    tenants: object | None = None  # the TenantRegistry with --tenants (fleetlm/tenancy/registry.py)
     _ping: asyncio.Task | None = field(default=None, repr=False)
 
     def refusal(self) -> tuple[int, str, str] | None:

@@ -33,6 +33,8 @@ from fleetlm.entrypoints.openai.protocol import (
 )
 from fleetlm.outputs import RequestOutput
 from fleetlm.sampling_params import SamplingParams
+from fleetlm.tenancy.admission import CURRENT
+from fleetlm.tenancy.gate import QuotaExceeded, TenantGate
 
 logger = logging.getLogger("fleetlm")
 
@@ -50,6 +52,9 @@ def engine_error(e: BaseException) -> APIError:
     """Map what ``AsyncLLM.generate`` raises to an HTTP error."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, QuotaExceeded):
+        return APIError(429, str(e), type="rate_limit_error", param=e.limit, code="rate_limit_exceeded",
+                        headers={"Retry-After": str(e.retry_after)})
     if isinstance(e, QueueFullError):
         return APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, EngineDeadError):
@@ -66,6 +71,7 @@ class OpenAIServing:
     def __init__(self, engine: AsyncLLM, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.gate = TenantGate(None, None)  # tenants' quotas and cache salts (fleetlm/tenancy)
 
     # -- prompts ----------------------------------------------------------------------------------
     def completion_prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
@@ -118,11 +124,17 @@ class OpenAIServing:
               arrival: float, aliases: dict[str, str] | None = None) -> list[RequestStream]:
         """Admit every engine request of one HTTP request, or none (errors map to HTTP)."""
         streams: list[RequestStream] = []
+        ctx, by_id = CURRENT.get(), {p.request_id: p for p in prepared}
+
+        def add(rid: str, tenancy) -> RequestStream:
+            p = by_id[rid]
+            return self.engine.add_request(rid, p.prompt, p.prompt_ids, params, stream=stream, arrival_time=arrival,
+                                           tenancy=tenancy)
+
         try:
             self.engine.check_queue_bounds(params.n * len(prepared), params.n * sum(len(p.prompt_ids) for p in prepared))
-            for p in prepared:
-                streams.append(self.engine.add_request(p.request_id, p.prompt, p.prompt_ids, params,
-                                                       stream=stream, arrival_time=arrival))
+            self.gate.check_size(ctx, sum(len(p.prompt_ids) for p in prepared), params.n * len(prepared))
+            streams = self.gate.start(ctx, [(p.request_id, p.prompt_ids) for p in prepared], params.n, stream, add)
         except BaseException as e:
             close_all(streams)
             if isinstance(e, ValueError) and not isinstance(e, APIError):
