@@ -62,7 +62,12 @@ class AsyncLLM:
         self._queues: dict[str, asyncio.Queue] = {}
         self._sent_seqs = 0  # sequences / prompt tokens sent to the core, for queue accounting
         self._sent_tokens = 0
-        self.client = AsyncMPClient(args, logger.getEffectiveLevel())
+        if args.data_parallel_size > 1:  # N engine cores behind this front end (engine/dp_client.py)
+            from fleetlm.engine.dp_client import DPAsyncMPClient
+
+            self.client = DPAsyncMPClient(args, logger.getEffectiveLevel())
+        else:
+            self.client = AsyncMPClient(args, logger.getEffectiveLevel())
         self._loop_task: asyncio.Task | None = None
         self.last_output_time: float | None = None  # monotonic time of the core's last output message
         self._pings: list[asyncio.Future] = []  # liveness probes waiting for the core's next message

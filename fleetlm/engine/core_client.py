@@ -56,9 +56,12 @@ class InprocClient(EngineCoreClient):
     def __init__(self, args: EngineArgs, files: LoadedModel, dtype, max_model_len: int) -> None:
         from fleetlm.engine.engine_core import EngineCore
 
+        from fleetlm.core.kv_events import attach_publisher
+
         self.core = EngineCore(args, files, dtype, max_model_len)
         self.max_model_len = max_model_len
         self.cache_config = self.core.cache_config
+        self.kv_events = attach_publisher(self.core, args.kv_events_endpoint)  # None unless asked for
 
     def add_requests(self, reqs: list[Request]) -> None:
         for r in reqs:
@@ -68,7 +71,10 @@ class InprocClient(EngineCoreClient):
         self.core.abort_requests(request_ids)
 
     def step(self) -> list[EngineCoreOutput]:
-        return self.core.step()
+        outputs = self.core.step()
+        if self.kv_events is not None:
+            self.kv_events.flush()
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
@@ -78,6 +84,9 @@ class InprocClient(EngineCoreClient):
 
     def shutdown(self) -> None:
         self.core.shutdown()
+        if self.kv_events is not None:
+            self.kv_events.close()
+            self.kv_events = None
 
 
 class AsyncMPClient(EngineCoreClient):

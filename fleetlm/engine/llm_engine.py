@@ -28,7 +28,12 @@ class LLMEngine:
         self.model_config = files.config
         self.tokenizer = files.tokenizer
         self.processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len)
-        self.client = InprocClient(args, files, self.dtype, self.max_model_len)
+        if args.data_parallel_size > 1:  # N core processes (engine/dp_sync.py)
+            from fleetlm.engine.dp_sync import DPSyncClient
+
+            self.client = DPSyncClient(args)
+        else:
+            self.client = InprocClient(args, files, self.dtype, self.max_model_len)
         self.processor.cache_config = self.client.cache_config
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
