@@ -162,6 +162,23 @@ def table(scen: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def diagnosis_table(scen: list[dict]) -> str:
+    """The replay: its metrics, the profile's step times over the logged steps', and the errors of
+    the simulator with the profile and with a step model fitted to the logged steps."""
+    rows = ["| scenario | profile / logged step time | " + " | ".join(
+        f"{k}: replay / sim (err) / sim on logged steps (err)" for k in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS)]
+    for s in scen:
+        if "replayed" not in s:
+            continue
+        rep, raw, own = s["replayed"], s["simulated"], s["sim_log_fitted"]
+        cells = [f"{rep[k]:,.0f} / {raw[k]:,.0f} ({s['error_vs_replay'][k]:+.1%}) / {own[k]:,.0f} "
+                 f"({s['error_log_fitted_vs_replay'][k]:+.1%})" for k in METRICS]
+        rows.append(f"| {s['name']} | {s['replay_steps']['all']['predicted_over_measured']:.2f} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def measure_profile(path: str) -> dict:
     rec: dict = {}
     with bench_lock(rec):
@@ -202,6 +219,7 @@ def main() -> int:
            "calibration": calib, "scenarios": scen}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(table(scen))
+    print(diagnosis_table(scen))
     return 0
 
 

@@ -120,6 +120,7 @@ def search_fleet(model: str, workload: FleetWorkload, slos: tuple[Slo, ...], spa
     todo: list[tuple[float, int, Outcome]] = []
     outcomes = []
     cands = candidates(load_model_spec(model), space)
+    invalid: list[str] = []
     for hw in dict.fromkeys(c.hardware for c in cands):
         gpu_price(hw, ev.prices)  # no price: bad input, before any simulation
     for c in cands:
@@ -130,6 +131,7 @@ def search_fleet(model: str, workload: FleetWorkload, slos: tuple[Slo, ...], spa
             price_each = ev.cost(c, 1)
         except PlanError as e:
             o.reason = str(e)
+            invalid.append(f"{c.label}: {e}")
             continue
         need = workload.rate / replica_capacity(prof, workload.input_len, workload.output_len)
         n0 = _round_up(need, c.unit)
@@ -139,6 +141,9 @@ def search_fleet(model: str, workload: FleetWorkload, slos: tuple[Slo, ...], spa
             o.reason = f"needs at least {n0} replicas by its capacity bound (> --max-replicas {space.max_replicas})"
             continue
         todo.append((o.bound_usd, len(todo), o))
+    if cands and len(invalid) == len(cands):
+        raise PlanError("the search space is empty: no candidate is a valid layout of "
+                        f"{model} ({'; '.join(invalid[:3])}{'; ...' if len(invalid) > 3 else ''})")
     best_usd = math.inf
     for bound, _, o in sorted(todo, key=lambda x: x[:2]):
         if bound >= best_usd:

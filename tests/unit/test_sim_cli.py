@@ -66,6 +66,7 @@ def bad_cases(tmp_path):
         (["sim", "--step-time-ms", "5", "--replicas", "2", "--prefill-replicas", "2", *SMALL], "P/D split"),
         (fleet + ["--slo", "ttft:soon"], "--slo 'ttft:soon' cannot be parsed"),
         (fleet + ["--slo", "ttft:500", "--routers", ","], "search space is empty"),
+        (fleet + ["--slo", "ttft:500", "--fleet-tp", "3"], "search space is empty: no candidate is a valid layout"),
         (fleet + ["--slo", "ttft:500", "--routers", "random"], "unknown policy 'random'"),
         (fleet + ["--slo", "ttft:500", "--pd", "2-1"], "--pd '2-1'"),
         (fleet + ["--slo", "ttft:500", "--hardware", "b200"], "no hourly price for 'b200'"),
