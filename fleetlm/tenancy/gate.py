@@ -106,11 +106,13 @@ class TenantGate:
             for rid, ids in prompts:
                 inner = add(rid, tenancy_for(ctx, ids))
                 streams.append(TenantStream(inner, tid, state, usage, self.metrics, stream))
-        except BaseException:
+        except BaseException as e:
             for s in streams:
                 s.close()
             if state is not None and usage is not None:
                 state.refund(usage, num_prompt_tokens)
+            if self.metrics is not None and type(e).__name__ == "QueueFullError":  # the engine's queue: also a 429
+                self.metrics.on_rate_limited(tid)
             raise
         if self.metrics is not None:
             for _, ids in prompts:

@@ -177,3 +177,25 @@ def test_priority_range_and_tenancy(tmp_path):
     assert beta.shared_prefix_tokens == 0 and beta.cache_salt != t.cache_salt  # same cache_salt, other tenant
     assert tenancy_for(RequestContext(), [1]).cache_salt is None
     assert tenancy_for(RequestContext(cache_salt="x"), [1]).cache_salt == combined_salt(None, "x")
+
+
+def test_router_hook_predicts_the_engines_salted_hashes(tmp_path):
+    from fleetlm.config import CacheConfig, SchedulerConfig
+    from fleetlm.core.scheduler import Scheduler
+    from fleetlm.request import Request
+    from fleetlm.sampling_params import SamplingParams
+    from fleetlm.tenancy.router_hook import salted_block_hashes, tenant_of_headers
+
+    f = tmp_path / "t.toml"
+    f.write_text(GOOD)
+    reg = TenantRegistry(f, encode=lambda text, special: list(range(1, 9)))
+    assert tenant_of_headers(reg)({"authorization": "Bearer sk-acme-1"}, None) == "acme"
+    assert tenant_of_headers(reg)({"authorization": "Bearer nope"}, None) is None
+    ids = list(range(1, 40))
+    s = Scheduler(SchedulerConfig(256, 4, 256), CacheConfig(4, 64, True))
+    r = Request("r", ids, SamplingParams(max_tokens=1), tenancy=tenancy_for(resolve(reg, "acme", None, "x"), ids))
+    s.add_request(r)
+    s.schedule()
+    assert r.block_hashes == salted_block_hashes(reg, "acme", ids, 4, "x")
+    beta = salted_block_hashes(reg, "beta", ids, 4)  # beta did not opt in to the shared prefix
+    assert all(a != b for a, b in zip(r.block_hashes, beta, strict=False))
