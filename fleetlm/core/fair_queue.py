@@ -12,7 +12,8 @@ scheduled ``n`` tokens), ``pick_victim`` (whom to preempt) and ``forget`` (a req
 - ``fair`` (``FairQueue``): a virtual token counter per tenant (VTC, Sheng et al., OSDI '24).
   A tenant's counter grows by the service it receives divided by its weight: each prompt token
   computed costs ``prompt_cost`` (1), each generated token ``output_cost`` (2), charged when
-  scheduled; prefix-cache hits and recomputation after a preemption cost nothing. Admission takes
+  scheduled (a speculative draft position counts as a generated token); prefix-cache hits and
+  recomputation after a preemption cost nothing. Admission takes
   the head of the backlogged tenant with the smallest counter (FCFS with priority inside a
   tenant), so under overload backlogged tenants receive service in proportion to their weights.
   It is work-conserving: any backlogged tenant is served when others are idle. A tenant that
@@ -206,8 +207,9 @@ class FairQueue(WaitingQueue):
         start = req.num_computed_tokens
         end = start + num_tokens
         done = self._charged.get(req.request_id, start)  # prefix hits were never computed: free
-        new_prompt = max(0, min(end, req.num_prompt_tokens) - max(start, done))
-        samples = 1 if end == req.num_tokens and end > done else 0  # this step samples a new token
+        lo, p = max(start, done), req.num_prompt_tokens
+        new_prompt = max(0, min(end, p) - lo)
+        samples = max(0, end - max(lo, p - 1))  # positions from the last prompt token on each sample one (drafts too)
         self._charged[req.request_id] = max(done, end)
         cost = new_prompt * self.prompt_cost + samples * self.output_cost
         if cost:
