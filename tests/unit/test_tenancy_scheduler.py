@@ -210,3 +210,28 @@ def test_preemption_victim_comes_from_the_tenant_furthest_over_its_share():
     assert s.num_preemptions >= 1
     assert s.waiting.preemptions.get("A", 0) >= 1 and s.waiting.preemptions.get("B", 0) == 0
     run_until_drained(s)
+
+
+def test_fair_charges_computed_prompt_and_sampled_tokens_never_hits_or_recompute():
+    q = FairQueue()
+    r = req("r", 20, 8, tenant_id="A", weight=2.0)
+    q.append(r)
+    q.popleft()
+    r.num_computed_tokens = 8  # 8 prompt tokens were prefix hits: free
+    q.charge(r, 6)  # a chunk: 6 prompt tokens, no sample
+    assert q.service["A"] == 6
+    r.num_computed_tokens = 14
+    q.charge(r, 6)  # the rest of the prompt and the first sample
+    assert q.service["A"] == 12 + 2
+    r.num_computed_tokens = 20
+    r.output_token_ids = [5]
+    q.charge(r, 1)  # a decode
+    assert q.service["A"] == 12 + 4 and q.counters["A"] == pytest.approx(16 / 2)
+    r.output_token_ids = [5, 6]
+    r.num_computed_tokens = 0  # preempted: the recompute of 21 positions samples one new token
+    q.charge(r, 22)
+    assert q.service["A"] == 12 + 6
+    r.num_computed_tokens = 22
+    r.output_token_ids = [5, 6, 7]
+    q.charge(r, 1 + 3)  # a decode with 3 speculative drafts: 4 sampling positions
+    assert q.service["A"] == 12 + 6 + 8
