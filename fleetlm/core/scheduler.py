@@ -104,6 +104,7 @@ class Scheduler:
             num_adds_seen=self.num_adds_seen,
             num_tokens_seen=self.num_tokens_seen,
             tenant_preemptions=dict(self.waiting.preemptions) or None,
+            **(self.spec.stats.as_scheduler_stats() if self.spec is not None else {}),
         )
 
     def split_step(self, so: SchedulerOutput, withdrawn: set[int] = frozenset()) -> list[SchedulerOutput]:
@@ -161,7 +162,7 @@ class Scheduler:
                 continue
             drafts = self.spec.drafts_for(req, budget, self.config.max_model_len) if self.spec else []
             n = min(req.num_tokens - req.num_computed_tokens, budget) + len(drafts)
-            look = self.spec.lookahead(req, n) if self.spec else 0
+            look = self.spec.lookahead(req, req.num_computed_tokens + n) if self.spec else 0
             new_blocks = self.kv.allocate_slots(req, n, num_lookahead_tokens=look)
             while new_blocks is None:
                 victim = self._pick_victim(i)
@@ -185,7 +186,8 @@ class Scheduler:
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_hit, budget)
-            new_blocks = self.kv.allocate_slots(req, n, hits)
+            look = self.spec.lookahead(req, num_hit + n) if self.spec else 0
+            new_blocks = self.kv.allocate_slots(req, n, hits, num_lookahead_tokens=look)
             if new_blocks is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()

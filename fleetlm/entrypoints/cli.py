@@ -31,14 +31,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="layers per pipeline stage, e.g. 16,14 (default: as even as possible)")
     g.add_argument("--distributed-executor-backend", default="auto", choices=["auto", "uniproc", "multiproc"],
                    help="multiproc: one process per rank (auto when tp x pp > 1); under torchrun, its ranks")
+    g.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        "(docs/SPEC_DECODE.md)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ("dtype", "device", "max_model_len", "block_size", "kv_cache_memory", "gpu_memory_utilization",
             "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads", "attention_backend",
             "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-            "pipeline_layer_partition")
+            "pipeline_layer_partition", "speculative_config")
     return {k: getattr(args, k) for k in keys}
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def run_as_torchrun_worker(args: argparse.Namespace) -> int | None:

@@ -61,6 +61,12 @@ class PrometheusMetrics:
         self.failed_steps = counter("engine_failed_steps", "Steps that raised and were retried per request.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests (times n).")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.spec_drafts = counter("spec_decode_num_drafts", "Speculative drafts (one request's draft tokens in one step).")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self._spec_per_pos = Counter("fleetlm:spec_decode_num_accepted_tokens_per_pos",
+                                     "Accepted draft tokens by position in the draft (0-based).",
+                                     labelnames=["model_name", "position"], registry=r)
         self._success = Counter("fleetlm:request_success", "Finished requests by finish reason.",
                                 labelnames=["model_name", "finished_reason"], registry=r)
         self._http = Counter("fleetlm:http_responses", "HTTP responses by status code.",
@@ -105,9 +111,18 @@ class PrometheusMetrics:
         self.prefix_hits.inc(max(0, s.prefix_hits - last.prefix_hits))
         self.preemptions.inc(max(0, s.num_preemptions - last.num_preemptions))
         self.failed_steps.inc(max(0, s.num_failed_steps - last.num_failed_steps))
+        self._on_spec_stats(s, last)
         self._last = s
         if self.tenants is not None:
             self.tenants.on_scheduler_stats(s)
+
+    def _on_spec_stats(self, s: SchedulerStats, last: SchedulerStats) -> None:
+        self.spec_drafts.inc(max(0, s.spec_num_drafts - last.spec_num_drafts))
+        self.spec_draft_tokens.inc(max(0, s.spec_num_draft_tokens - last.spec_num_draft_tokens))
+        self.spec_accepted.inc(max(0, s.spec_num_accepted_tokens - last.spec_num_accepted_tokens))
+        for j, n in enumerate(s.spec_accepted_per_pos):
+            before = last.spec_accepted_per_pos[j] if j < len(last.spec_accepted_per_pos) else 0
+            self._spec_per_pos.labels(self.model_name, str(j)).inc(max(0, n - before))
 
     def on_http_response(self, status: int) -> None:
         self._http.labels(self.model_name, str(status)).inc()

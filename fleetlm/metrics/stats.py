@@ -23,4 +23,9 @@ class SchedulerStats:
     num_adds_seen: int = 0  # cumulative sequences received by the core (for front-end queue accounting)
     num_tokens_seen: int = 0  # cumulative prompt tokens of those sequences
     num_failed_steps: int = 0  # cumulative steps that raised and were retried one request at a time
+    # speculative decoding, cumulative, vLLM's meanings: a draft is one request's run of draft tokens in one step
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()  # drafts whose token j (0-based) was accepted
     tenant_preemptions: dict[str, int] | None = None  # cumulative preemptions per tenant id (issue 15)

@@ -29,6 +29,11 @@ def paged_forward(runner, runs: list[Run], kv_caches: dict[int, torch.Tensor],
     """Call ``fn(input_ids, positions, order)`` inside a forward context for ``runs`` and
     return, per run in the given order, the row of its last token in ``fn``'s output.
     ``order`` lists run indices in layout order (rows of a run are contiguous)."""
+    bs = runner.block_size
+    for run in runs:  # a slot past the request's blocks would land in whatever block 0 holds
+        if run.start + len(run.tokens) > len(run.block_ids) * bs:
+            raise RuntimeError(f"draft positions up to {run.start + len(run.tokens) - 1} exceed the "
+                               f"{len(run.block_ids)} blocks allocated")
     order = sorted(range(len(runs)), key=lambda i: len(runs[i].tokens) != 1)
     q = np.array([len(runs[i].tokens) for i in order], dtype=np.int64)
     ctx = np.array([runs[i].start for i in order], dtype=np.int64)
@@ -40,7 +45,6 @@ def paged_forward(runner, runs: list[Run], kv_caches: dict[int, torch.Tensor],
         tokens += runs[i].tokens
     rows = np.repeat(np.arange(len(order)), q)
     positions = np.arange(len(tokens)) - np.repeat(np.cumsum(q) - q, q) + ctx[rows]
-    bs = runner.block_size
     slots = table[rows, positions // bs] * bs + positions % bs
     layout = BatchLayout(q, ctx, table, torch.from_numpy(slots), int((q == 1).sum()))
     dev = runner.device

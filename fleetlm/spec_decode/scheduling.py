@@ -41,6 +41,21 @@ class SpecDecodeStats:
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
 
+    def as_scheduler_stats(self) -> dict:
+        """The ``SchedulerStats`` fields these counters fill."""
+        return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
+                "spec_num_accepted_tokens": self.num_accepted_tokens,
+                "spec_accepted_per_pos": tuple(self.accepted_per_pos)}
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification: 1 + accepted drafts per draft (vLLM's definition)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
     def record(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.num_drafts += 1
         self.num_draft_tokens += num_draft_tokens
@@ -103,12 +118,12 @@ class SpecScheduler:
         room = min(budget - 1, req.max_tokens - req.num_output_tokens - 1, max_model_len - req.num_tokens)
         return drafts[: max(0, room)]
 
-    def lookahead(self, req: Request, num_new_tokens: int) -> int:
-        """Slots past this step's tokens that a proposer with its own cache may write."""
+    def lookahead(self, req: Request, end: int) -> int:
+        """Slots past ``end`` (this step's last token + 1) that a proposer with its own cache may
+        write: the sampled token's and its drafts' (``k``), never past the request's reach."""
         if not self.config.uses_draft_kv:
             return 0
         reach = req.num_prompt_tokens + req.max_tokens  # no position at or past this is ever written
-        end = req.num_computed_tokens + num_new_tokens
         return max(0, min(self.config.num_speculative_tokens, reach - end))
 
     def on_scheduled(self, req_id: str, num_drafts: int) -> None:
