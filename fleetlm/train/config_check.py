@@ -58,6 +58,9 @@ def check_config(cfg: TrainConfig) -> None:
     if p.pp > 1 and t.micro_batch % p.pp_microbatches:
         raise ValueError(f"training.micro_batch {t.micro_batch} is not divisible by "
                          f"parallelism.pp_microbatches {p.pp_microbatches}")
+    if p.pp > 1 and t.grad_accumulation > 1:
+        raise ValueError("pipeline parallelism splits a batch into pp_microbatches itself; "
+                         "set training.grad_accumulation to 1")
     if p.pp > 1 and (p.dp > 1 or p.tp > 1):
         raise ValueError("pipeline parallelism composes with nothing else yet (set dp_* and tp to 1)")
     if p.tp > 1 and p.dp_replicate > 1:

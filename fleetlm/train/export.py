@@ -14,16 +14,54 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
+
+from fleetlm.distributed.parallel_state import get_tp_group, parallel_state
 
 if TYPE_CHECKING:
     from fleetlm.train.trainer import Trainer
 
 
 def full_state_dict(tr: Trainer) -> dict[str, torch.Tensor]:
+    """The whole model's tensors in our names (FSDP2: on rank 0 only, other ranks get {})."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(tr.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("lm."): v for k, v in sd.items()}
+    if tr.cfg.parallelism.dp_shard > 1:  # FSDP2 shards: gathered, on rank 0 only
+        sd = get_model_state_dict(tr.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach() for k, v in tr.root.state_dict().items()}
+    sd = {k.removeprefix("lm."): v for k, v in sd.items()}
+    return gather_tp(sd, tr.tm.hf_config) if parallel_state().tp_size > 1 else sd
+
+
+def _gather(t: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(parallel_state().tp_size)]
+    dist.all_gather(parts, t.contiguous(), group=get_tp_group())
+    return parts
+
+
+def gather_tp(sd: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
+    """This TP rank's slices -> the full tensors in our layout (every TP rank gets them).
+    Fused layers hold ``[q_r, k_r, v_r]`` / ``[gate_r, up_r]`` per rank, so each part is
+    reassembled from every rank's piece; row-parallel weights join along their input dim."""
+    h, d = hf_config["num_attention_heads"], hf_config["head_dim"]
+    kv, tp = hf_config["num_key_value_heads"], parallel_state().tp_size
+    out = {}
+    for name, t in sd.items():
+        if ".qkv_proj." in name:
+            sizes = [h // tp * d, kv // tp * d, kv // tp * d]
+            pieces = [p.split(sizes) for p in _gather(t)]
+            out[name] = torch.cat([torch.cat([p[i] for p in pieces]) for i in range(3)])
+        elif ".gate_up_proj." in name:
+            pieces = [p.chunk(2) for p in _gather(t)]
+            out[name] = torch.cat([torch.cat([p[i] for p in pieces]) for i in range(2)])
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            out[name] = torch.cat(_gather(t), dim=1)
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = torch.cat(_gather(t))[: hf_config["vocab_size"]]
+        else:
+            out[name] = t
+    return out
 
 
 def hf_tensors(sd: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
@@ -63,7 +101,7 @@ def export_hf(tr: Trainer, out: str | Path) -> Path:
 
     from fleetlm.train.checkpoint import check_layout_supported
 
-    check_layout_supported(tr.cfg.parallelism.tp, tr.cfg.parallelism.pp, "checkpoint.export_hf")
+    check_layout_supported(1, tr.cfg.parallelism.pp, "checkpoint.export_hf")
     sd = full_state_dict(tr)
     out = Path(out)
     if tr.layout.is_main:

@@ -42,7 +42,9 @@ def _is_tp_sharded(name: str) -> bool:
     return parallel_state().tp_size > 1 and any(f in name for f in TP_SHARDED)
 
 
-def grad_norm(named: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
+def grad_norm(named: list[tuple[str, nn.Parameter]], across_stages: bool = False) -> torch.Tensor:
+    """The whole model's gradient norm; ``across_stages``: each rank holds a different part of
+    the model (pipeline stages), so the squares are summed over every rank."""
     from torch.distributed.tensor import DTensor
 
     sharded = torch.zeros((), dtype=torch.float64)
@@ -59,12 +61,16 @@ def grad_norm(named: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
             replicated += sq
     if parallel_state().tp_size > 1:
         dist.all_reduce(sharded, group=get_tp_group())
-    return (sharded + replicated).sqrt()
+    total = sharded + replicated
+    if across_stages:
+        dist.all_reduce(total)
+    return total.sqrt()
 
 
-def clip_grads(named: list[tuple[str, nn.Parameter]], max_norm: float | None) -> float:
+def clip_grads(named: list[tuple[str, nn.Parameter]], max_norm: float | None,
+               across_stages: bool = False) -> float:
     """Scale every gradient so the global norm is at most ``max_norm``; returns the norm before."""
-    norm = float(grad_norm(named))
+    norm = float(grad_norm(named, across_stages))
     if max_norm is not None and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
         for _, p in named:

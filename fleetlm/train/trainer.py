@@ -57,14 +57,19 @@ class Trainer:
         c = self.tm.config
         check_model_fits(p, c.num_heads, c.num_kv_heads, c.num_layers, c.tie_word_embeddings)
         ck = cfg.checkpoint
-        if ck.dir or ck.export_hf or cfg.lora.save_dir:
+        if ck.dir or cfg.lora.save_dir:
             from fleetlm.train.checkpoint import check_layout_supported
 
-            check_layout_supported(p.tp, p.pp, "checkpoints, export_hf and lora.save_dir")
+            check_layout_supported(p.tp, p.pp, "checkpoint.dir and lora.save_dir")
+        if ck.export_hf:
+            from fleetlm.train.checkpoint import check_layout_supported
+
+            check_layout_supported(1, p.pp, "checkpoint.export_hf")
         if cfg.lora.r:
             from fleetlm.layers.lora import add_lora
 
             add_lora(self.tm.model, cfg.lora)
+        n = sum(q.numel() for q in self.tm.model.parameters()) * p.tp  # the whole model (TP: every slice)
         self.root, self.pipe = self._wrap(self.tm.model)
         self.named = [(n, q) for n, q in self.root.named_parameters() if q.requires_grad]
         self.optimizer = build_optimizer((q for _, q in self.named), cfg.optimizer)
@@ -73,7 +78,6 @@ class Trainer:
         d = cfg.data
         self.dataset = PackedDataset(tokenize_corpus(d, self.tm.tokenizer), d.seq_len, d.seed)
         self.plan = BatchPlan(cfg.training.micro_batch, cfg.training.grad_accumulation, self.layout.dp)
-        n = sum(q.numel() for q in self.tm.model.parameters()) * p.tp * p.pp  # whole model
         self.flops_per_token = flops_per_token(n, c.num_layers, c.num_heads, c.head_dim, d.seq_len)
         self.step_index = 0
         self._loaded_step: int | None = None
@@ -128,7 +132,7 @@ class Trainer:
         t0, s = time.perf_counter(), self.step_index
         self.optimizer.zero_grad(set_to_none=True)
         total = self._micro_losses(s)
-        norm = clip_grads(self.named, self.cfg.training.max_grad_norm)
+        norm = clip_grads(self.named, self.cfg.training.max_grad_norm, self.pipe is not None)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

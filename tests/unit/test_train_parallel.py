@@ -94,3 +94,20 @@ def test_data_parallel_equals_one_process(reference, layout, tmp_path):
 def test_accumulation_equals_a_bigger_batch(reference):
     got = train_once(["training.micro_batch=2", "training.grad_accumulation=2"])
     assert_same(reference, got)
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallelism.tp=2"],
+    ["parallelism.pp=2", 'parallelism.pp_schedule="gpipe"', "parallelism.pp_microbatches=2"],
+    ["parallelism.pp=2", 'parallelism.pp_schedule="1f1b"', "parallelism.pp_microbatches=4"],
+], ids=["tp2", "pp2-gpipe", "pp2-1f1b"])
+def test_model_parallel_equals_one_process(reference, layout, tmp_path):
+    """TP=2 (every rank sees the whole batch; parameters gathered from both slices) and PP=2
+    (the batch split into micro-batches through 2 stages)."""
+    got = run_ranks(2, ["training.micro_batch=4"] + layout, tmp_path)
+    if "parallelism.tp=2" in layout:
+        assert_same(reference, got)
+    else:  # rank 0 holds the first stage only
+        l2, n2, p2 = got
+        assert_same(reference, (l2, n2, {k: reference[2][k] for k in reference[2] if k not in p2} | p2))
+        assert "model.layers.0.self_attn.qkv_proj.weight" in p2 and "lm_head.weight" not in p2
