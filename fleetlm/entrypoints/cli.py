@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_args(pl)
     pl.set_defaults(func=cmd_plan)
     _add_sim_commands(sub)
+    from fleetlm.train.cli import add_train_command  # fleetlm/train/cli.py, docs/TRAINING.md
+
+    add_train_command(sub)
     return p
 
 
