@@ -205,10 +205,14 @@ async def fetch_model_id(session: Any, cfg: ClientConfig) -> str:
 async def run_benchmark(requests: list[SampleRequest], cfg: ClientConfig, *, request_rate: float = math.inf,
                         burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0,
                         num_warmups: int = 0, tokenizer: Any = None, disable_tqdm: bool = True,
-                        warmup_pool: np.ndarray | None = None) -> tuple[list[RequestResult], float]:
+                        warmup_pool: np.ndarray | None = None,
+                        spec_out: dict | None = None) -> tuple[list[RequestResult], float]:
     """Send ``requests`` on the arrival schedule; returns the results in request order and the
-    duration from the first dispatch to the last completion. Fills ``cfg.model`` if empty."""
+    duration from the first dispatch to the last completion. Fills ``cfg.model`` if empty, and
+    ``spec_out`` (if given) with the run's speculative-decoding figures from ``/metrics``."""
     from tqdm import tqdm
+
+    from fleetlm.bench.serve_spec import fetch_spec_counters, spec_metrics
 
     async with _session(max_concurrency) as session:
         if not cfg.model:
@@ -233,6 +237,7 @@ async def run_benchmark(requests: list[SampleRequest], cfg: ClientConfig, *, req
             return res
 
         offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
+        spec_before = await fetch_spec_counters(session, cfg.base_url, cfg.headers) if spec_out is not None else None
         t0 = time.perf_counter()
         tasks = []
         for req, off in zip(requests, offsets):
@@ -242,6 +247,9 @@ async def run_benchmark(requests: list[SampleRequest], cfg: ClientConfig, *, req
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         bar.close()
+        if spec_out is not None:
+            spec_out.update(spec_metrics(spec_before, await fetch_spec_counters(session, cfg.base_url, cfg.headers))
+                            or {})
     return list(results), duration
 
 
@@ -320,13 +328,19 @@ def main(args: argparse.Namespace) -> int:
           f"{'' if len(known) == len(requests) else ' (text prompts: the rest counted by the server)'}, "
           f"{sum(r.output_len for r in requests)} max output tokens; request rate {args.request_rate}, "
           f"burstiness {args.burstiness}, max concurrency {args.max_concurrency}", flush=True)
+    spec: dict = {}
     results, duration = asyncio.run(run_benchmark(
         requests, cfg, request_rate=args.request_rate, burstiness=args.burstiness,
         max_concurrency=args.max_concurrency, seed=args.seed, num_warmups=args.num_warmups,
-        tokenizer=tokenizer, disable_tqdm=args.disable_tqdm, warmup_pool=token_pool(tokenizer)))
+        tokenizer=tokenizer, disable_tqdm=args.disable_tqdm, warmup_pool=token_pool(tokenizer), spec_out=spec))
     metrics = calculate_metrics(results, duration, percentiles=percentiles, goodput_slos=slos)
     print(format_report(metrics, percentile_metrics=shown, percentiles=percentiles,
                         max_concurrency=args.max_concurrency, request_rate=args.request_rate))
+    if spec:  # the server speculates: acceptance figures of this run
+        from fleetlm.bench.serve_spec import format_spec
+
+        print("\n".join(format_spec(spec)))
+        metrics.update(spec)
     if args.save_result:
         with open(args.save_result, "w") as f:
             config = {k: v for k, v in vars(args).items() if k != "api_key" and not callable(v)}
