@@ -55,6 +55,9 @@ def setup_layout(p: ParallelismSection) -> Layout:
                              "section multiplies to 1")
         return Layout(0, 1, 0, 1)
     if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise ValueError(f"the parallelism section multiplies to {world} ranks but this is one process; "
+                             f"launch it with torchrun --nproc-per-node {world}")
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     if dist.get_world_size() != world:
         raise ValueError(f"the mesh pp x dp_replicate x dp_shard x tp x cp = {p.pp} x {p.dp_replicate} x "
