@@ -177,6 +177,12 @@ def cmd_router(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from fleetlm.router.cli import run_cluster_cli
+
+    return run_cluster_cli(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from fleetlm.plan.cli import run
 
@@ -226,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_router_args(r)
     r.set_defaults(func=cmd_router)
+    cl = sub.add_parser("cluster", help="place whole replicas on a Ray cluster behind the router (fleetlm[ray])")
+    from fleetlm.router.cli import add_cluster_arguments
+
+    add_cluster_arguments(cl)
+    cl.set_defaults(func=cmd_cluster)
 
     pl = sub.add_parser("plan", help="capacity planning: memory, KV sizing, roofline, parallelism")
     from fleetlm.plan.cli import add_arguments as add_plan_args

@@ -83,3 +83,38 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     raise_fd_limit(10_500)  # two sockets per stream: 5,000 streams and spare
     return asyncio.run(run_router(config))
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """``fleetlm cluster up``: the router's flags, the placement, and ``--serve-args``."""
+    p.add_argument("action", choices=["up"], help="up: place the replicas and serve the router until SIGTERM")
+    p.add_argument("--replicas", type=int, required=True, help="fleetlm serve replicas to place")
+    p.add_argument("--address", help="Ray cluster to join (e.g. 10.0.0.1:6379 after `ray start --head`); "
+                                     "default: start a local one")
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    add_arguments(p)
+    p.add_argument("--serve-args", default="",
+                   help="the `fleetlm serve` arguments of every replica, one string: 'MODEL --dtype float32 ...'")
+
+
+def run_cluster_cli(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fleetlm.log import configure_logging
+
+    import shlex
+
+    serve_argv = shlex.split(args.serve_args)
+    bad = [a for a in serve_argv if a in ("--host", "--port")]
+    if bad:
+        raise ValueError(f"{bad[0]} of the replicas is chosen by each actor on its node; leave it out")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.num_cpus_per_replica <= 0:
+        raise ValueError(f"--num-cpus-per-replica must be > 0, got {args.num_cpus_per_replica}")
+    config = build_config(args)
+    from fleetlm.executor.ray_cluster import import_ray, run_cluster
+
+    import_ray()  # ValueError (exit 2) naming the extra when Ray is missing
+    configure_logging()
+    return asyncio.run(run_cluster(config, args.replicas, serve_argv, args.address, args.num_cpus_per_replica))

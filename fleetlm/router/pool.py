@@ -78,6 +78,13 @@ class ReplicaPool:
             self._subs[w.url] = sub
         return rep
 
+    def track(self, w: WorkerSpec) -> Replica:
+        """Add a worker that may still be starting: the health loop puts it in rotation when
+        its check passes (a cluster controller adds restarted replicas this way)."""
+        if w.url in self.replicas:
+            raise WorkerError(f"worker {w.url} is already in the pool", 409)
+        return self._add(w)
+
     async def add_worker(self, w: WorkerSpec) -> Replica:
         """Add a worker at run time; it must pass a health check within ``add_timeout``."""
         if w.url in self.replicas:

@@ -171,18 +171,28 @@ async def run_router(config: RouterConfig) -> int:
     if down:
         await router.close()
         raise ValueError(f"worker(s) never became healthy within {config.startup_timeout:g} s: {', '.join(down)}")
+    runner = await open_site(router)
+    await wait_for_signal()
+    await router.drain()
+    await runner.cleanup()
+    await router.close()
+    return 0
+
+
+async def open_site(router: Router) -> web.AppRunner:
+    """Start serving the router's app on its host and port."""
+    config = router.config
     runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=4096)
-    await site.start()
+    await web.TCPSite(runner, config.host, config.port, backlog=4096).start()
     logger.info("router (%s) on http://%s:%d over %d worker(s)", config.policy, config.host, config.port,
                 len(router.pool.replicas))
+    return runner
+
+
+async def wait_for_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await router.drain()
-    await runner.cleanup()
-    await router.close()
-    return 0
