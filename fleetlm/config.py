@@ -119,12 +119,13 @@ class EngineArgs:
             object.__setattr__(self, "pipeline_layer_partition", part)
         if self.scheduling_policy not in ("fcfs", "fair"):
             raise ValueError(f"scheduling_policy must be fcfs or fair, got {self.scheduling_policy!r}")
-        if self.distributed_executor_backend not in ("auto", "uniproc", "multiproc"):
-            raise ValueError("distributed_executor_backend must be auto, uniproc or multiproc, got "
+        if self.distributed_executor_backend not in ("auto", "uniproc", "multiproc", "ray"):
+            raise ValueError("distributed_executor_backend must be auto, uniproc, multiproc or ray, got "
                              f"{self.distributed_executor_backend!r}")
-        if self.distributed_executor_backend == "multiproc" and self.world_size == 1:
-            raise ValueError("distributed_executor_backend 'multiproc' needs tensor_parallel_size x "
-                             "pipeline_parallel_size > 1; one rank runs 'uniproc' (or leave it 'auto')")
+        if self.distributed_executor_backend in ("multiproc", "ray") and self.world_size == 1:
+            raise ValueError(f"distributed_executor_backend {self.distributed_executor_backend!r} needs "
+                             "tensor_parallel_size x pipeline_parallel_size > 1; one rank runs 'uniproc' (or "
+                             "leave it 'auto')")
         if self.distributed_executor_backend == "uniproc" and self.world_size > 1:
             raise ValueError(f"distributed_executor_backend 'uniproc' runs one rank, but tensor_parallel_size x "
                              f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")

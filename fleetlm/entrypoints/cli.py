@@ -29,7 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="stages splitting the layers")
     g.add_argument("--pipeline-layer-partition", type=_int_list,
                    help="layers per pipeline stage, e.g. 16,14 (default: as even as possible)")
-    g.add_argument("--distributed-executor-backend", default="auto", choices=["auto", "uniproc", "multiproc"],
+    g.add_argument("--distributed-executor-backend", default="auto", choices=["auto", "uniproc", "multiproc", "ray"],
                    help="multiproc: one process per rank (auto when tp x pp > 1); under torchrun, its ranks")
     g.add_argument("--speculative-config", type=_json_object, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '

@@ -76,6 +76,7 @@ class Executor(ABC):
 EXECUTORS = {
     "uniproc": "fleetlm.executor.uniproc:UniProcExecutor",
     "multiproc": "fleetlm.executor.multiproc:MultiprocExecutor",
+    "ray": "fleetlm.executor.ray_executor:RayExecutor",  # ranks 1.. as Ray actors (fleetlm[ray])
 }
 
 

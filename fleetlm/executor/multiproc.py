@@ -101,7 +101,7 @@ class MultiprocExecutor(Executor):
                              "run `fleetlm generate` or `fleetlm serve`, whose other ranks become its workers")
         init_method = None if self.external else f"tcp://127.0.0.1:{free_port()}"
         if not self.external:
-            self.procs = [spawn_worker(args, r, init_method, self.world) for r in range(1, self.world)]
+            self.procs = [self._spawn_worker(r, init_method) for r in range(1, self.world)]
         self._ids = itertools.count()
         self._pending: dict[int, dict[int, Reply]] = {}  # call id -> remote rank -> reply
         self._mine: dict[int, Reply] = {}  # call id -> rank 0's own result of a step
@@ -119,6 +119,11 @@ class MultiprocExecutor(Executor):
             self.shutdown()
             raise
         atexit.register(self.shutdown)  # workers and sockets never outlive the driver
+
+    def _spawn_worker(self, rank: int, init_method: str):
+        """Start worker ``rank``; returns a ``Popen``-like handle (``poll``/``wait``/``kill``/
+        ``returncode``). Subclasses place workers elsewhere (``ray_executor.py``)."""
+        return spawn_worker(self.args, rank, init_method, self.world)
 
     def _local_ranks(self) -> int:
         return int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) if self.external else self.world

@@ -144,7 +144,8 @@ def test_torchrun_two_nodes_on_loopback_generate_like_one_process(tiny, tmp_path
     ({"pipeline_parallel_size": 2, "pipeline_layer_partition": (3,)}, "must give pipeline_parallel_size"),
     ({"distributed_executor_backend": "multiproc"}, "'multiproc' needs tensor_parallel_size x pipeline"),
     ({"pipeline_parallel_size": 2, "pipeline_layer_partition": 5}, "must be a list of layer counts"),
-    ({"distributed_executor_backend": "ray"}, "distributed_executor_backend must be auto, uniproc or multiproc"),
+    ({"distributed_executor_backend": "mpi"}, "distributed_executor_backend must be auto, uniproc, multiproc or ray"),
+    ({"distributed_executor_backend": "ray"}, "'ray' needs tensor_parallel_size x pipeline"),
 ])
 def test_bad_layouts_are_refused_naming_the_numbers(tiny, kw, match):
     with pytest.raises(ValueError, match=match):
