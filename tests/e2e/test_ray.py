@@ -95,3 +95,25 @@ def test_cluster_up_refuses_host_and_port_in_serve_args():
     r = subprocess.run([sys.executable, "-m", "fleetlm.entrypoints.cli", "cluster", "up", "--replicas", "1",
                         "--serve-args", "tiny --port 9000"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--port" in r.stderr
+
+
+def test_ray_executor_places_tp_ranks_as_actors_and_matches_one_process(ray_head, model_dir, monkeypatch):  # noqa: F811
+    from fleetlm import LLM
+    from fleetlm.sampling_params import SamplingParams
+
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    kw = dict(dtype="float32", kv_cache_memory=16 << 20)
+    with LLM(str(model_dir), **kw) as one:
+        want = [o.outputs[0].text for o in one.generate(prompts, sp, use_tqdm=False)]
+    monkeypatch.setenv("RAY_ADDRESS", ray_head)
+    try:
+        with LLM(str(model_dir), tensor_parallel_size=2, distributed_executor_backend="ray", **kw) as llm:
+            handles = llm.engine.core.executor.procs
+            assert len(handles) == 1 and type(handles[0]).__name__ == "RayWorkerHandle"
+            assert handles[0].poll() is None  # rank 1 lives in its actor
+            got = [o.outputs[0].text for o in llm.generate(prompts, sp, use_tqdm=False)]
+        assert handles[0].poll() is not None  # shut down with the engine
+    finally:
+        ray.shutdown()
+    assert got == want
