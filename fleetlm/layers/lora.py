@@ -104,7 +104,7 @@ def _peft_key(name: str) -> str:
     return f"base_model.model.{parent}.{target}.lora_{which}.weight"
 
 
-def save_peft_adapter(sd: dict[str, torch.Tensor], sec: Any, hf_config: dict, out: Path, base: str) -> None:
+def save_peft_adapter(sd: dict[str, torch.Tensor], sec: Any, out: Path, base: str) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -113,8 +113,7 @@ def save_peft_adapter(sd: dict[str, torch.Tensor], sec: Any, hf_config: dict, ou
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": sec.r, "lora_alpha": sec.alpha,
            "lora_dropout": sec.dropout, "target_modules": sorted(sec.target_modules), "bias": "none",
            "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base,
-           "use_rslora": False, "modules_to_save": None,
-           "fleetlm_base": {k: hf_config[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}}
+           "use_rslora": False, "modules_to_save": None}
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
 
 

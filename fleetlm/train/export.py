@@ -118,5 +118,5 @@ def export_lora(tr: Trainer, out: str | Path) -> Path:
     sd = full_state_dict(tr)
     out = Path(out)
     if tr.layout.is_main:
-        save_peft_adapter(sd, tr.cfg.lora, tr.tm.hf_config, out, base=tr.cfg.model.path or "")
+        save_peft_adapter(sd, tr.cfg.lora, out, base=tr.cfg.model.path or "")
     return out
