@@ -1,20 +1,22 @@
 """Fidelity of `fleetlm sim`: the same workloads through `fleetlm serve` (measured by `fleetlm
 bench serve`) and through the simulator fed with the profile measured on this machine.
 
-Scenarios (64 prompts each, Poisson arrivals, greedy, ignore_eos), at fixed rates (about 25%,
-85% and 150% of what one replica of smollm2-135m sustains on the 2-core machine, so the
-workload does not move with the profile):
-- random 256 prompt / 128 output tokens at 0.55 (light), 1.88 (near saturation) and 3.32 req/s
-  (overloaded);
-- shared prefix: 4 groups of a 512-token prefix + 64 own tokens, 64 output tokens, at 0.85 req/s.
+Scenarios (--num-prompts each, Poisson arrivals, greedy, ignore_eos), at rates set from the
+capacity the fresh profile predicts for one replica (all requests at once), so that "light" is
+light on the machine as it is when measured (a shared machine can be several times slower than
+a quiet one):
+- random 256 prompt / 128 output tokens at 25% (light), 85% (near saturation) and 150%
+  (overloaded) of that capacity;
+- shared prefix: 4 groups of a 512-token prefix + 64 own tokens, 64 output tokens, at 25% of
+  that workload's capacity.
 The simulator gets the same flags and seed, so the same lengths and send times
 (`fleetlm/bench/serve_datasets.py`).
 
 Phases, each timed run inside the machine's bench lock (one scenario at a time, load average
 recorded before and after):
 1. `fleetlm profile` (skipped with --profile);
-2. served, pass 1 (a fresh server): a calibration run (random 256/128 at 1.1 req/s, 32
-   prompts, its own seed), then the scenarios;
+2. served, pass 1 (a fresh server): a calibration run (random 256/128 at 50% of capacity,
+   half the prompts, its own seed), then the scenarios;
 3. replayed in-process (`benchmarks/sim_steplog.py`): the same requests into an `EngineCore`
    in real time, every step logged: splits the simulator's error into "the profile is off for
    the machine as it was" and "the scheduling model is off";
@@ -59,11 +61,24 @@ from benchmarks.sim_steplog import (  # noqa: E402
     simulate,
 )
 
-SCENARIOS = (("random 256/128, light", RANDOM, 0.55, 11), ("random 256/128, near saturation", RANDOM, 1.88, 12),
-             ("random 256/128, overloaded", RANDOM, 3.32, 13),
-             ("shared prefix 4 x 512 + 64 / 64, light", SHARED, 0.85, 14))
-CALIBRATION = {"name": "random 256/128, calibration (32 prompts)", "flags": RANDOM, "rate": 1.1, "seed": 10,
-               "num_prompts": 32}
+SCENARIOS = (("random 256/128, light", RANDOM, 0.25, 11), ("random 256/128, near saturation", RANDOM, 0.85, 12),
+             ("random 256/128, overloaded", RANDOM, 1.5, 13),
+             ("shared prefix 4 x 512 + 64 / 64, light", SHARED, 0.25, 14))  # (name, flags, share of capacity, seed)
+
+
+def capacity(profile: str, flags: list[str], n: int) -> float:
+    """Requests/s one simulated replica sustains when all ``n`` arrive at once."""
+    return simulate(profile, flags, float("inf"), 0, n)["request_throughput"]
+
+
+def plan_runs(profile: str, n: int) -> tuple[list[dict], dict]:
+    """The scenarios and the calibration run, their rates from the profile's capacity."""
+    cap = {id(RANDOM): capacity(profile, RANDOM, n), id(SHARED): capacity(profile, SHARED, n)}
+    scen = [{"name": name, "flags": f, "rate": round(share * cap[id(f)], 3), "seed": seed, "capacity": cap[id(f)]}
+            for name, f, share, seed in SCENARIOS]
+    calib = {"name": "random 256/128, calibration (50% of capacity)", "flags": RANDOM,
+             "rate": round(0.5 * cap[id(RANDOM)], 3), "seed": 10, "num_prompts": max(8, n // 2)}
+    return scen, calib
 
 
 def bench(url: str, flags: list[str], rate: float, seed: int, n: int, out: Path) -> dict:
@@ -203,8 +218,8 @@ def main() -> int:
     else:
         profile = args.profile or str(ROOT / "benchmarks" / "sim_profile_cpu.json")
         prof_rec = {} if args.profile else measure_profile(profile)
-        scen = [{"name": n, "flags": f, "rate": r, "seed": sd} for n, f, r, sd in SCENARIOS]
-        calib = dict(CALIBRATION)
+        scen, calib = plan_runs(profile, args.num_prompts)
+        print("rates: " + ", ".join(f"{s['name']} {s['rate']} req/s" for s in [calib, *scen]), flush=True)
         partial = Path(args.out + ".partial")
         serve_pass(args, [calib, *scen], "served")
         partial.write_text(json.dumps({"profile": profile, "calibration": calib, "scenarios": scen}, indent=1))

@@ -54,7 +54,7 @@ def cpu_busy(interval: float = 2.0) -> float:
 
 
 @contextlib.contextmanager
-def bench_lock(record: dict, max_busy: float = 0.25, max_wait: float = 60.0):
+def bench_lock(record: dict, max_busy: float = 0.25, max_wait: float = 15.0):
     """Hold the machine's bench lock (as ``flock /tmp/fleetlm-bench.lock``), after waiting (up
     to ``max_wait`` s) for the machine to be quiet: other processes using under ``max_busy`` of
     its CPUs. With sched_autogroup on (Linux's default for sessions), another session's
