@@ -99,10 +99,9 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_cluster_cli(args: argparse.Namespace) -> int:
     import asyncio
+    import shlex
 
     from fleetlm.log import configure_logging
-
-    import shlex
 
     serve_argv = shlex.split(args.serve_args)
     bad = [a for a in serve_argv if a in ("--host", "--port")]

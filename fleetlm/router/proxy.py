@@ -98,6 +98,7 @@ class Proxy:
                        headers: dict) -> web.StreamResponse | Retry:
         rep.in_flight += 1
         resp: aiohttp.ClientResponse | None = None
+        out: web.StreamResponse | Retry | None = None
         try:
             try:
                 resp = await self.session.post(rep.url + request.path, data=body, headers=headers,
@@ -111,17 +112,22 @@ class Proxy:
                 self.metrics.requests.labels(rep.url, f"status_{resp.status}").inc()
                 return Retry(f"status_{resp.status}", f"{rep.url} answered {resp.status}: {detail}", resp.status)
             if resp.content_type == "text/event-stream":
-                return await self._stream(request, rep, resp)
+                out = await self._stream(request, rep, resp)
+                return out
             try:
                 data = await resp.read()
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 return self._failed(rep, "read_error", f"{rep.url}: {type(e).__name__}: {e}", 502)
             self._succeeded(rep, resp.status)
-            return web.Response(status=resp.status, body=data, content_type=resp.content_type)
+            out = web.Response(status=resp.status, body=data, content_type=resp.content_type)
+            return out
         finally:
             rep.in_flight -= 1
             if resp is not None:
-                resp.close()  # a cancelled or failed request drops the connection: the replica aborts it
+                if isinstance(out, web.StreamResponse) and resp.content.at_eof():
+                    resp.release()  # read to the end: the connection goes back to the pool
+                else:
+                    resp.close()  # cancelled or failed: drop the connection, so the replica aborts the request
 
     def _failed(self, rep: Replica, reason: str, detail: str, status: int) -> Retry:
         rep.breaker.record_failure()
