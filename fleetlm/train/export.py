@@ -23,11 +23,12 @@ if TYPE_CHECKING:
 
 
 def full_state_dict(tr: Trainer) -> dict[str, torch.Tensor]:
-    """The whole model's tensors in our names (FSDP2: on rank 0 only, other ranks get {})."""
+    """The whole model's tensors in our names, on every rank (FSDP2 shards and TP slices
+    gathered)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if tr.cfg.parallelism.dp_shard > 1:  # FSDP2 shards: gathered, on rank 0 only
-        sd = get_model_state_dict(tr.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if tr.cfg.parallelism.dp_shard > 1:  # FSDP2 shards: gathered on every rank (TP peers need them)
+        sd = get_model_state_dict(tr.root, options=StateDictOptions(full_state_dict=True))
     else:
         sd = {k: v.detach() for k, v in tr.root.state_dict().items()}
     sd = {k.removeprefix("lm."): v for k, v in sd.items()}

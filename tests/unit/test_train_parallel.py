@@ -111,3 +111,19 @@ def test_model_parallel_equals_one_process(reference, layout, tmp_path):
         l2, n2, p2 = got
         assert_same(reference, (l2, n2, {k: reference[2][k] for k in reference[2] if k not in p2} | p2))
         assert "model.layers.0.self_attn.qkv_proj.weight" in p2 and "lm_head.weight" not in p2
+
+
+def test_fsdp_x_tp_on_four_ranks_equals_one_process(reference, tmp_path):
+    """2-D mesh: FSDP2 over dp_shard=2, our TP layers over tp=2 (TP innermost)."""
+    got = run_ranks(4, ["training.micro_batch=2", "parallelism.dp_shard=2", "parallelism.tp=2"], tmp_path)
+    assert_same(reference, got)
+
+
+def test_fsdp2_bf16_mixed_precision_tracks_float32(reference, tmp_path):
+    """bf16 compute with float32 master weights and reduction: losses within bf16's ~3
+    significant digits of the float32 run (not equal: every matmul rounds to 8 bits)."""
+    losses, norms, params = run_ranks(2, ["training.micro_batch=2", "parallelism.dp_shard=2",
+                                          'precision.param_dtype="bfloat16"'], tmp_path)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[0]), rtol=5e-3, atol=0)
+    assert all(p.dtype == torch.float32 for p in params.values())
+    assert losses != reference[0]
