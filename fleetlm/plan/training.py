@@ -83,13 +83,14 @@ def params_per_gpu(m: ModelSpec, tp: int, pp: int, ep: int) -> float:
 
 
 def activation_bytes(m: ModelSpec, seq_len: int, micro_batch: int, tp: int,
-                     checkpointing: bool) -> float:
-    """Saved activations on the most loaded GPU for one micro-batch (see module doc)."""
+                     checkpointing: bool, act_bytes: int = 2) -> float:
+    """Saved activations on the most loaded GPU for one micro-batch (see module doc);
+    ``act_bytes`` per saved value: 2 for bf16, 4 when training computes in float32."""
     h, tokens = m.hidden_size, seq_len * micro_batch
-    per_layer = 2 * (4 * h + (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 4 * mlp_width(m))
+    per_layer = act_bytes * (4 * h + (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 4 * mlp_width(m))
     logits = 8 * m.vocab_size * tokens
     if checkpointing:
-        body = m.num_layers * 2 * h * tokens + per_layer * tokens
+        body = m.num_layers * act_bytes * h * tokens + per_layer * tokens
     else:
         body = m.num_layers * per_layer * tokens
     return (body + logits) / tp
@@ -109,7 +110,7 @@ def state_bytes(strategy: str, n: float, dp: int, layer: float = 0.0) -> tuple[f
 
 def strategy_memory(m: ModelSpec, hw: HardwareSpec, strategy: str, *, dp: int, tp: int = 1,
                     pp: int = 1, ep: int = 1, seq_len: int = 4096, micro_batch: int = 1,
-                    memory_utilization: float = 0.9) -> StrategyMemory:
+                    memory_utilization: float = 0.9, act_bytes: int = 2) -> StrategyMemory:
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown training strategy {strategy!r}; accepted values: "
                         f"{', '.join(STRATEGIES)}")
@@ -117,8 +118,8 @@ def strategy_memory(m: ModelSpec, hw: HardwareSpec, strategy: str, *, dp: int, t
     layer = max(sum(layer_params(m, i)) for i in range(m.num_layers)) / tp
     return StrategyMemory(
         strategy, *state_bytes(strategy, n, dp, layer),
-        activation_bytes(m, seq_len, micro_batch, tp, False),
-        activation_bytes(m, seq_len, micro_batch, tp, True),
+        activation_bytes(m, seq_len, micro_batch, tp, False, act_bytes),
+        activation_bytes(m, seq_len, micro_batch, tp, True, act_bytes),
         hw.runtime_overhead_bytes, hw.memory_bytes * memory_utilization)
 
 
