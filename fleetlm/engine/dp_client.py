@@ -50,7 +50,8 @@ def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
 
 
 def _merge(values: list):
-    """Numbers add up; per-key dicts (e.g. per tenant) add up per key; None stays None."""
+    """Numbers add up; per-key dicts (e.g. per tenant) per key; tuples (per position) per
+    position; None stays None."""
     present = [v for v in values if v is not None]
     if not present:
         return None
@@ -60,6 +61,9 @@ def _merge(values: list):
             for k, v in d.items():
                 out[k] = out.get(k, 0) + v
         return out
+    if isinstance(present[0], tuple | list):
+        width = max(len(t) for t in present)
+        return tuple(sum(t[k] for t in present if k < len(t)) for k in range(width))
     return sum(present)
 
 
@@ -82,11 +86,14 @@ class DPBalancer:
         return i
 
     def route_abort(self, ids: list[str]) -> dict[int, list[str]]:
+        """Core -> ids to abort there; an aborted request leaves its core's count now (the core
+        may send no final output for it)."""
         per: dict[int, list[str]] = {}
         for rid in ids:
-            i = self.owner.get(rid)
+            i = self.owner.pop(rid, None)
             if i is not None:
                 per.setdefault(i, []).append(rid)
+                self.views[i].in_flight -= 1
         return per
 
     def on_outputs(self, i: int, msg: CoreOutputs) -> CoreOutputs:

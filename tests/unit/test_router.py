@@ -263,3 +263,28 @@ def test_route_keys_parse_only_what_the_policy_needs():
     assert prompt_text("/v1/completions", {"prompt": ["a", "b"]}) == "a"
     chat = prompt_text("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
     assert "hi" in chat and "user" in chat
+
+
+# -- data-parallel balancer ---------------------------------------------------------------------
+def test_dp_balancer_keeps_samples_together_and_counts_finishes_and_aborts():
+    from fleetlm.core.sched_output import EngineCoreOutput
+    from fleetlm.engine.core_proc import AddRequests, CoreOutputs, NewRequest
+    from fleetlm.engine.dp_client import DPBalancer, merge_stats
+    from fleetlm.metrics.stats import SchedulerStats
+
+    b = DPBalancer(2, "round_robin")
+    sp = SamplingParams(max_tokens=1)
+    i = b.route_add(AddRequests([NewRequest("a#0", [1], sp, (), 0.0), NewRequest("a#1", [1], sp, (), 0.0)]))
+    j = b.route_add(AddRequests([NewRequest("b", [1], sp, (), 0.0)]))
+    assert i != j and b.owner == {"a#0": i, "a#1": i, "b": j} and b.views[i].in_flight == 2
+    b.on_outputs(i, CoreOutputs([EngineCoreOutput("a#0", [5], finish_reason="length")], SchedulerStats()))
+    assert b.views[i].in_flight == 1
+    assert b.route_abort(["a#1", "zzz"]) == {i: ["a#1"]} and b.views[i].in_flight == 0
+    b.on_outputs(i, CoreOutputs([EngineCoreOutput("a#1", [], finish_reason="abort")], SchedulerStats()))
+    assert b.views[i].in_flight == 0  # not counted twice
+    merged = merge_stats([SchedulerStats(num_blocks=100, kv_cache_usage=0.5, prefix_hits=3),
+                          SchedulerStats(num_blocks=300, kv_cache_usage=0.1, prefix_hits=4)])
+    assert merged.num_blocks == 400 and merged.prefix_hits == 7 and abs(merged.kv_cache_usage - 0.2) < 1e-9
+    if hasattr(SchedulerStats, "spec_accepted_per_pos"):  # per-position tuples add up per position
+        t = merge_stats([SchedulerStats(spec_accepted_per_pos=(1, 2)), SchedulerStats(spec_accepted_per_pos=(3,))])
+        assert t.spec_accepted_per_pos == (4, 2)
