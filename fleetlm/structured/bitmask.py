@@ -19,17 +19,26 @@ _BIAS = torch.where(_BYTE_BITS.bool(), 0.0, float("-inf"))
 
 @dataclass(frozen=True)
 class GrammarBitmask:
-    """Allowed next tokens of the requests that sample under a grammar in one step:
-    row ``i`` of ``bitmask`` is for ``req_ids[i]``."""
+    """Allowed next tokens of the requests that sample under a grammar in one step: row ``i``
+    of ``bitmask`` is for ``req_ids[i]``. A request verifying ``k`` speculative drafts has
+    ``k + 1`` rows in a row, one per position (the grammar's state after ``drafts[:j]``)."""
 
     req_ids: tuple[str, ...]
     bitmask: torch.Tensor  # [len(req_ids), ceil(vocab / 32)] int32
 
     def rows_for(self, order: list[str]) -> torch.Tensor | None:
-        """The mask laid out as the sampler's rows ``order``; a row without a grammar allows
-        every token (all bits set). None if no row of ``order`` has a grammar."""
-        index = {rid: i for i, rid in enumerate(self.req_ids)}
-        picks = [index.get(rid, -1) for rid in order]
+        """The mask laid out as the sampler's rows ``order`` (the ``j``-th occurrence of a
+        request takes its ``j``-th row); a row without a grammar allows every token (all bits
+        set). None if no row of ``order`` has a grammar."""
+        index: dict[str, list[int]] = {}
+        for i, rid in enumerate(self.req_ids):
+            index.setdefault(rid, []).append(i)
+        seen: dict[str, int] = {}
+        picks = []
+        for rid in order:
+            rows, j = index.get(rid), seen.get(rid, 0)
+            seen[rid] = j + 1
+            picks.append(rows[min(j, len(rows) - 1)] if rows else -1)
         if all(p < 0 for p in picks):
             return None
         full = torch.full((len(order), self.bitmask.shape[1]), -1, dtype=torch.int32)

@@ -63,17 +63,33 @@ class StructuredOutputManager:
         if self.waiting:
             cf.wait([f for _, f in self.waiting.values()], timeout, return_when=cf.FIRST_COMPLETED)
 
-    def bitmask(self, scheduled: Iterable[str], requests: Mapping[str, Request]) -> GrammarBitmask | None:
+    def bitmask(self, scheduled: Iterable[str], requests: Mapping[str, Request],
+                drafts: Mapping[str, list[int]] | None = None) -> GrammarBitmask | None:
         """Rows for the scheduled requests with a grammar that sample this step (all their
-        known tokens computed once the step runs)."""
+        known tokens computed once the step runs). A request verifying ``k`` drafts gets
+        ``k + 1`` rows: the matcher walks the drafts, filling the row for each position, and
+        is rolled back after. Past a draft the grammar refuses, rows repeat the last one: that
+        draft is rejected for sure (the target may not sample it), so later rows are never used."""
+        drafts = drafts or {}
         rids = [rid for rid in scheduled if rid in self.matchers
                 and requests[rid].num_computed_tokens >= requests[rid].num_tokens]
         if not rids:
             return None
-        mask = xgrammar().allocate_token_bitmask(len(rids), self.vocab_size)
-        for i, rid in enumerate(rids):
-            self.matchers[rid].fill_next_token_bitmask(mask, i)
-        return GrammarBitmask(tuple(rids), mask)
+        owners = [rid for rid in rids for _ in range(len(drafts.get(rid, ())) + 1)]
+        mask = xgrammar().allocate_token_bitmask(len(owners), self.vocab_size)
+        row = 0
+        for rid in rids:
+            m, walked = self.matchers[rid], 0
+            m.fill_next_token_bitmask(mask, row)
+            for j, t in enumerate(drafts.get(rid, ())):
+                if walked == j and not m.is_terminated() and m.accept_token(t):
+                    walked += 1
+                    m.fill_next_token_bitmask(mask, row + j + 1)
+                else:
+                    mask[row + j + 1] = mask[row + j]
+            m.rollback(walked)
+            row += len(drafts.get(rid, ())) + 1
+        return GrammarBitmask(tuple(owners), mask)
 
     def accept(self, req_id: str, tokens: list[int]) -> bool:
         """Advance ``req_id``'s matcher; False if the grammar refuses a token (which the

@@ -169,3 +169,25 @@ def test_same_grammar_compiles_once(llm):
     llm.generate([{"prompt_token_ids": [11, 12]}] * 3, SamplingParams(max_tokens=8, structured_outputs=spec),
                  use_tqdm=False)
     assert pool.num_compiled == before + 1 and pool.num_cache_hits >= 2
+
+
+@pytest.mark.parametrize("method", [{"method": "draft_model", "num_speculative_tokens": 3},
+                                    {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                     "prompt_lookup_max": 3}])
+def test_speculation_under_a_grammar_changes_nothing(tiny_model_dir, llm, method):
+    """Drafts are verified against the grammar's state after each of them (one bitmask row per
+    position): greedy output with speculation equals the output without, and drafts the grammar
+    refuses are rejected, never emitted."""
+    if method["method"] == "draft_model":
+        method = {**method, "model": str(tiny_model_dir)}  # the draft ignores the grammar: it proposes refused tokens
+    spec_llm = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=256, speculative_config=method)
+    specs = [{"json": SCHEMA}, {"regex": REGEX}, {"grammar": EBNF}]
+    params = [SamplingParams(max_tokens=300, temperature=0, structured_outputs=s) for s in specs]
+    prompts = [{"prompt_token_ids": [100 + i, 7, 100 + i, 7]} for i in range(3)]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in spec_llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    stats = spec_llm.engine.core.scheduler.stats()
+    assert stats.spec_num_draft_tokens > 0  # it did speculate
+    if method["method"] == "ngram":  # some drafts fit the grammar and were accepted (ngram: 13 of 68)
+        assert stats.spec_num_accepted_tokens > 0
