@@ -110,7 +110,8 @@ class EngineCore:
     def _schedule(self) -> SchedulerOutput:
         so = self.scheduler.schedule()
         if self._structured is not None and self._structured.matchers and not so.is_empty:
-            grammar = self._structured.bitmask(so.num_scheduled_tokens, self.scheduler.requests)
+            drafts = {c.req_id: c.spec_token_ids for c in so.scheduled_cached_reqs if c.spec_token_ids}
+            grammar = self._structured.bitmask(so.num_scheduled_tokens, self.scheduler.requests, drafts)
             if grammar is not None:
                 so = replace(so, grammar=grammar)
         return so

@@ -61,7 +61,7 @@ class SpecDecodeWorker:
                    for i in samples for j in range(ks[i] + 1)]
         meta = build_sampling_metadata(virtual, logits.shape[1], r.device)
         grammar = getattr(so, "grammar", None)
-        if grammar is not None:  # requests with a grammar get no drafts (one row each) until it rolls back
+        if grammar is not None:  # k + 1 rows per request with a grammar: its state after each draft
             meta.grammar_bitmask = grammar.rows_for([v.req_id for v in virtual])
         res = r.sampler(logits, meta)
         sampled = res.sampled.tolist()
@@ -93,7 +93,7 @@ class SpecDecodeWorker:
             a = int(starts[i])
             sp = s.sampling_params
             left = (sp.max_tokens or 0) - len(s.output_token_ids) - len(emitted)  # tokens still allowed
-            off = sp.disable_speculation or getattr(sp, "structured_outputs", None) is not None or not emitted
+            off = sp.disable_speculation or not emitted  # grammars: one bitmask row per draft position
             want = 0 if off else max(0, min(so.num_spec_tokens, left - 1))
             items.append(ProposeItem(s.req_id, s.prompt_token_ids + s.output_token_ids + emitted, int(ctx[i]),
                                      ids[a : a + valid], torch.arange(a, a + valid, device=hidden.device),
