@@ -129,12 +129,19 @@ def test_admin_routes_need_their_key_and_refuse_bad_workers(model_dir):  # noqa:
         srv.__exit__(None, None, None)
 
 
-def test_admin_routes_are_refused_without_an_admin_key(model_dir):  # noqa: F811
+def test_client_keys_and_admin_routes_refused_without_an_admin_key(model_dir):  # noqa: F811
     srv = start_replica(model_dir)
     try:
-        with RouterProcess([srv.url], []) as router:
+        with RouterProcess([srv.url], ["--api-key", "k1"]) as router:
             r = httpx.post(router.url + "/workers", json={"url": srv.url}, timeout=10)
             assert r.status_code == 403 and "--admin-key" in r.json()["error"]["message"]
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+            r = httpx.post(router.url + "/v1/completions", json=body, timeout=TIMEOUT)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            r = httpx.post(router.url + "/v1/completions", json=body, headers={"Authorization": "Bearer k1"},
+                           timeout=TIMEOUT)
+            assert r.status_code == 200  # forwarded with the client's header (this replica needs no key)
+            assert httpx.get(router.url + "/health", timeout=10).status_code == 200  # probes stay open
     finally:
         srv.__exit__(None, None, None)
 
