@@ -153,7 +153,7 @@ def test_sigterm_drains_in_flight_streams(model_dir):  # noqa: F811
 
         async def scenario():
             async with httpx.AsyncClient(timeout=TIMEOUT) as c:
-                task = asyncio.create_task(_stream(c, router.url, 200))
+                task = asyncio.create_task(_stream(c, router.url, 3000))  # long enough to outlast the checks
                 await asyncio.sleep(0.5)
                 router.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.2)
