@@ -131,6 +131,13 @@ def test_priority_outside_the_tenants_range_is_400(srv):
         r = post(srv, who, prompt="hi", priority=prio)
         assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text
     assert post(srv, "bob", prompt="hi", priority=3).status_code == 200
+    r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {KEYS['bob']}"},
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "priority": 2,
+                         "cache_salt": "chat-salt"})
+    assert r.status_code == 200, r.text
+    r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {KEYS['bob']}"},
+                   json={"messages": [{"role": "user", "content": "hi"}], "priority": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
 
 
 def test_requests_per_minute_gives_429_with_retry_after_then_succeeds(srv):
