@@ -161,7 +161,11 @@ class Proxy:
                 error = None
             if not chunk:
                 break
-            await out.write(chunk)  # a client that left raises here (or the handler is cancelled)
+            try:
+                await out.write(chunk)
+            except (ConnectionResetError, OSError):  # the client left (or the handler is cancelled)
+                self.metrics.disconnects.inc()
+                return out  # not read to the end: the upstream connection is dropped, the replica aborts
             tail = (tail + chunk)[-len(SSE_DONE):]
         if error is not None or tail != SSE_DONE:
             rep.breaker.record_failure()
