@@ -16,6 +16,7 @@ from tests.server_utils import free_port
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter
 
 
 def _workers(url: str) -> list[dict]:
@@ -38,14 +39,14 @@ def _wait(cond, timeout: float, what: str):
 def ray_head():
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="fleetlm-ray-")
-    subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+    subprocess.run([*RAY_CLI, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--num-cpus", "4", "--include-dashboard", "false", "--disable-usage-stats",
                     "--min-worker-port", "30000", "--max-worker-port", "30999", "--temp-dir", tmp],
                    check=True, capture_output=True, timeout=180)
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([*RAY_CLI, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def test_cluster_up_restarts_a_killed_replica_into_rotation(ray_head, model_dir):  # noqa: F811
