@@ -142,7 +142,7 @@ def run(policy: str, a: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--policy", choices=POLICIES, required=True)
-    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument("--rate", type=float, default=2.0)
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--per-group", type=int, default=8)
     p.add_argument("--prefix", type=int, default=1024)
