@@ -32,6 +32,16 @@ async def _stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple
         return outcome, done
 
 
+def _wait_idle(srv, timeout: float = 30) -> None:
+    from tests.e2e.test_router import metric_of
+
+    deadline = time.monotonic() + timeout
+    while metric_of(srv.url, "fleetlm:kv_cache_usage_perc") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric_of(srv.url, "fleetlm:kv_cache_usage_perc") == 0.0
+    assert metric_of(srv.url, "fleetlm:num_requests_running") == 0
+
+
 def _health(router) -> dict:
     return {w["url"]: w["healthy"] for w in httpx.get(router.url + "/health", timeout=10).json()["workers"]}
 
@@ -53,6 +63,7 @@ def test_a_killed_replica_costs_only_its_streams_and_returns(model_dir):  # noqa
             assert all(done for _, done in first), first  # every stream ended cleanly, none hung
             assert {o for o, _ in first} <= {"ok", "error_event"}
             assert [o for o, _ in later] == ["ok"] * 6  # new requests go to (or retry on) the survivor
+            _wait_idle(b)  # every request it took ended there too: its KV blocks are back in the pool
             deadline = time.monotonic() + 10
             while _health(router)[a.url] and time.monotonic() < deadline:
                 time.sleep(0.2)
