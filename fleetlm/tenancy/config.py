@@ -185,6 +185,8 @@ def _parse_tenant(tid: str, body, prefixes: dict[str, str], loc: _Lines,
 
     if not TENANT_ID.match(tid):
         raise fail(None, "ids are 1-64 characters of letters, digits, '_', '.', '-'")
+    if tid == "none":
+        raise fail(None, "tenant id 'none' is reserved (the metrics label of requests without a tenant)")
     if not isinstance(body, dict):
         raise fail(None, "must be a table")
     for key in body:

@@ -54,6 +54,7 @@ def test_good_file_maps_keys_to_tenants_and_keeps_no_key():
     (GOOD.replace("priority_range = [-2, 5]", "priority_range = [5, -2]"), 4, "priority_range"),
     (GOOD.replace('shared_prefixes = ["pub"]', 'shared_prefixes = ["nope"]'), 8, "'nope' is not defined"),
     (GOOD + "\n[limits]\nx = 1\n", 16, "unknown field 'limits'"),
+    (GOOD.replace("[tenants.beta]", "[tenants.none]"), 10, "reserved"),
 ])
 def test_bad_file_errors_name_the_line_and_never_the_key(bad, line, what):
     with pytest.raises(TenantsFileError) as e:
