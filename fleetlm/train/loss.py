@@ -36,8 +36,8 @@ class _GatherVocab(torch.autograd.Function):
 
 def head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits on every TP rank, differentiable through every rank's slice."""
-    if parallel_state().tp_size == 1:
-        return F.linear(hidden, head.weight)[..., : head.vocab_size]
+    if parallel_state().tp_size == 1:  # through the module: FSDP2 gathers its weight in a hook
+        return head(hidden)
     local = F.linear(copy_to_tensor_model_parallel_region(hidden), head.weight)
     return _GatherVocab.apply(local)[..., : head.vocab_size]
 

@@ -8,6 +8,7 @@ fixed order, independent of the layout.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-                  num_key_value_heads=4, rms_norm_eps=1e-5, tie_word_embeddings=True),
+                  num_key_value_heads=4, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 
 
@@ -83,6 +84,7 @@ def scratch_weights(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Te
         yield "lm_head.weight", normal(cfg.vocab_size, h)
 
 
+@functools.lru_cache(maxsize=4)
 def _tokenizer(name: str) -> Tokenizer:
     from fleetlm.models.hub import resolve_model
     from fleetlm.models.loader import load_model_files

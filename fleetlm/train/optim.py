@@ -52,9 +52,10 @@ def grad_norm(named: list[tuple[str, nn.Parameter]], across_stages: bool = False
     for name, p in named:
         if p.grad is None:
             continue
-        sq = p.grad.double().pow(2).sum()
-        if isinstance(sq, DTensor):
-            sq = sq.full_tensor()
+        norm = torch.linalg.vector_norm(p.grad)  # no float64 copy of the gradient
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        sq = norm.double() ** 2
         if _is_tp_sharded(name):
             sharded += sq
         else:

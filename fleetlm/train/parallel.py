@@ -136,6 +136,11 @@ def apply_data_parallel(root: nn.Module, layers: list[nn.Module], p: Parallelism
         # the last layer's params are needed again at once by backward: keep them gathered
         fully_shard(layer, mesh=mesh, mp_policy=mp,
                     reshard_after_forward=p.reshard_after_forward and i < len(layers) - 1)
+    lm = root.lm
+    if not lm.config.tie_word_embeddings and p.tp == 1:  # embedding and head: units of their own,
+        # gathered only while used (with a large vocabulary they are the biggest tensors)
+        fully_shard(lm.model.embed_tokens, mesh=mesh, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+        fully_shard(lm.lm_head, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 
 

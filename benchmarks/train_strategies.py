@@ -1,0 +1,201 @@
+"""Training throughput, MFU and peak memory per rank for each parallel strategy on this CPU,
+next to ``fleetlm plan``'s training-mode figures for the same configuration.
+
+Fixed workload: the ``small`` preset (hidden 256, 6 layers, vocabulary 49,152, untied head), float32,
+sequences of 128 tokens from the Python standard library, 4 sequences per step (each
+data-parallel rank takes 4 / dp), AdamW, 6 steps of which the first 2 are warm-up.
+Every rank gets one thread; one process gets all of them.
+
+Memory: a rank's largest resident set during steps 2-6 minus its resident set just before the
+model is built (libraries and tokenizer excluded; the lifetime peak, which includes building
+the full model before sharding, is recorded beside it), against the planner's states + activations for this
+strategy (float32 activations: ``act_bytes = 4``).
+
+    flock /tmp/fleetlm-bench.lock python benchmarks/train_strategies.py --out benchmarks/train_strategies.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BASE = ['model.size="small"', "data.max_tokens=60000", "data.seq_len=128", "training.steps=6",
+        "logging.progress=false", "training.max_grad_norm=1.0"]
+STRATEGIES = {  # name -> (world, overrides, planner strategy)
+    "single": (1, ["training.micro_batch=4"], "ddp"),
+    "ddp": (2, ["training.micro_batch=2", "parallelism.dp_replicate=2"], "ddp"),
+    "fsdp2": (2, ["training.micro_batch=2", "parallelism.dp_shard=2"], "fsdp2"),
+    "fsdp2+ac": (2, ["training.micro_batch=2", "parallelism.dp_shard=2",
+                     'parallelism.activation_checkpointing="full"'], "fsdp2"),
+    "tp2": (2, ["training.micro_batch=4", "parallelism.tp=2"], "ddp"),
+    "pp2-gpipe": (2, ["training.micro_batch=4", "parallelism.pp=2", 'parallelism.pp_schedule="gpipe"',
+                      "parallelism.pp_microbatches=2"], "ddp"),
+    "pp2-1f1b": (2, ["training.micro_batch=4", "parallelism.pp=2", 'parallelism.pp_schedule="1f1b"',
+                     "parallelism.pp_microbatches=2"], "ddp"),
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """The largest resident set seen while training steps run (polled every 2 ms), so the
+    one-off peak of building the model (full tensors before sharding) is not counted."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def fp32_peak_flops(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(6):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
+
+
+def _overrides(name: str) -> list[str]:
+    return [*BASE, *STRATEGIES[name][1]]
+
+
+def worker(rank: int, world: int, port: int, name: str, out: str, threads: int) -> None:
+    import torch.distributed as dist
+
+    from fleetlm.train.config import load_config
+    from fleetlm.train.model import _tokenizer
+    from fleetlm.train.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = load_config(None, _overrides(name))
+    _warm_imports(_tokenizer(cfg.model.tokenizer))
+    base = rss_bytes()
+    tr = Trainer(cfg)
+    rows = [tr.train_step()]  # the first step allocates AdamW's state
+    sampler = RssSampler()
+    rows += [tr.train_step() for _ in range(cfg.training.steps - 1)]
+    peak = sampler.stop() - base
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    Path(out, f"{name}.{rank}.json").write_text(json.dumps({
+        "rank": rank, "peak_bytes": peak, "lifetime_peak_bytes": lifetime, "step_s": [m.seconds for m in rows], "loss": rows[-1].loss,
+        "tokens_per_step": rows[-1].tokens, "flops_per_token": tr.flops_per_token,
+        "hf_config": tr.tm.hf_config}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _warm_imports(tok) -> None:
+    """Import what training imports lazily (AdamW pulls in torch._dynamo, ~130 MiB of modules;
+    the distributed wrappers; the tokenizer's first call) so the base excludes libraries."""
+    import torch.distributed._composable  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.pipelining  # noqa: F401
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    tok.encode("def f(x):\n    return x\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        for port in range(18450, 18500):
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def planner(hf: dict, strategy: str, world: int, name: str, micro: int, seq: int, peak: float) -> dict:
+    from fleetlm.plan.hardware import get_hardware
+    from fleetlm.plan.model_load import spec_from_config
+    from fleetlm.plan.training import strategy_memory, training_compute
+
+    m = spec_from_config(hf, name="small")
+    hw = get_hardware("cpu", mem_bandwidth=10e9, peak_flops=peak)
+    tp = 2 if name == "tp2" else 1
+    pp = 2 if name.startswith("pp2") else 1
+    dp = world // (tp * pp)
+    sm = strategy_memory(m, hw, strategy, dp=dp, tp=tp, pp=pp, seq_len=seq, micro_batch=micro, act_bytes=4)
+    ck = "+ac" in name
+    c = training_compute(m, hw, world, tokens=1e6, mfu=0.4, seq_len=seq)
+    return {"memory_bytes": sm.total_ckpt if ck else sm.total, "states_bytes": sm.states,
+            "activation_bytes": sm.activations_ckpt if ck else sm.activations,
+            "tokens_per_s_at_mfu_0.4": 1e6 / c.wallclock_s}
+
+
+def run(name: str, threads_total: int, peak_1t: float) -> dict:
+    world, overrides, strategy = STRATEGIES[name]
+    threads = max(1, threads_total // world)
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(worker, args=(world, free_port(), name, out, threads), nprocs=world, join=True)
+        ranks = [json.loads(Path(out, f"{name}.{r}.json").read_text()) for r in range(world)]
+    step_s = statistics.median(ranks[0]["step_s"][2:])
+    tokens = ranks[0]["tokens_per_step"]
+    micro = int(next(o for o in overrides if o.startswith("training.micro_batch")).split("=")[1])
+    peak = peak_1t * threads * world
+    tps = tokens / step_s
+    plan = planner(ranks[0]["hf_config"], strategy, world, name, micro, 128, peak_1t * threads)
+    return {"strategy": name, "world": world, "threads_per_rank": threads, "tokens_per_s": tps,
+            "mfu": tps * ranks[0]["flops_per_token"] / peak, "final_loss": ranks[0]["loss"],
+            "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
+            "lifetime_peak_bytes_per_rank": [r["lifetime_peak_bytes"] for r in ranks], "planner": plan}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/train_strategies.json")
+    ap.add_argument("--only", nargs="*")
+    args = ap.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    peak_1t = fp32_peak_flops(1)
+    rows = [run(n, threads, peak_1t) for n in (args.only or STRATEGIES)]
+    result = {"cpu": _cpu(), "threads": threads, "fp32_peak_flops_per_thread": peak_1t,
+              "load_before": os.getloadavg(), "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for r in rows:
+        p = r["planner"]
+        mem = max(r["peak_bytes_per_rank"])
+        print(f"{r['strategy']:10s} {r['tokens_per_s']:8.0f} tok/s  MFU {r['mfu']:.3f}  peak/rank "
+              f"{mem / 2**20:7.1f} MiB  planner {p['memory_bytes'] / 2**20:7.1f} MiB "
+              f"({mem / p['memory_bytes'] - 1:+.0%})  planner tok/s@MFU0.4 {p['tokens_per_s_at_mfu_0.4']:.0f}")
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
