@@ -10,7 +10,7 @@ default_priority = 0                   # when a request sends none (default: 0, 
 requests_per_minute = 600              # limits, each optional, each a positive number
 tokens_per_minute = 200000             # prompt + output tokens
 max_concurrent_requests = 32
-max_queued_requests = 64               # sequences admitted but not yet started
+max_queued_requests = 64               # sequences admitted whose first token has not come back yet
 shared_prefixes = ["public-system"]    # opt in to these shared, named prefixes
 
 [shared_prefixes.public-system]

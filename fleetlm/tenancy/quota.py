@@ -88,7 +88,7 @@ class TenantState:
         self.requests: TokenBucket | None = None
         self.tokens: TokenBucket | None = None
         self.live: set[Usage] = set()  # admitted HTTP requests not yet released
-        self.started: Callable[[str], bool] | None = None  # has this engine request been scheduled?
+        self.started: Callable[[str], bool] | None = None  # has this engine request sent its first output?
         self.apply(limits)
 
     def apply(self, limits: Limits) -> None:
