@@ -151,7 +151,8 @@ def admission_error(message: str, aliases: dict[str, str]) -> APIError:
     return renamed(bad_request(message, "max_tokens" if "max_tokens" in message else "prompt"), aliases)
 
 
-def render_chat(tok, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+def render_chat(tok, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> str:
     """The chat template applied to ``messages`` (400 if it refuses them).
 
     A message's ``name`` is passed to the template. It is never silently dropped: for each role
@@ -159,8 +160,8 @@ def render_chat(tok, messages: list[ChatMessage], add_generation_prompt: bool = 
     the text is the same (the template ignores them) the request is refused naming the field.
     At most five renders, whatever the number of messages."""
     def render(drop_names_of: str | None) -> str:
-        return tok.apply_chat_template([m.as_dict(with_name=m.role != drop_names_of) for m in messages],
-                                       add_generation_prompt)
+        msgs = [m.as_dict(with_name=m.role != drop_names_of) for m in messages]
+        return tok.apply_chat_template(msgs, add_generation_prompt, **({"tools": tools} if tools else {}))
 
     try:
         text = render(None)
