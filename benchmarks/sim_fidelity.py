@@ -51,6 +51,7 @@ from benchmarks.sim_steplog import (  # noqa: E402
     METRICS,
     RANDOM,
     SHARED,
+    TAKE_LOCK,
     StepLog,
     arrivals_for,
     bench_lock,
@@ -209,7 +210,10 @@ def main() -> int:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--port", type=int, default=18123)
     p.add_argument("--no-replay", action="store_true", help="skip the in-process replay phase")
+    p.add_argument("--lock-held", action="store_true",
+                   help="the caller holds the bench lock for the whole run (flock /tmp/fleetlm-bench.lock python ...)")
     args = p.parse_args()
+    TAKE_LOCK[0] = not args.lock_held
     tuned_path = str(ROOT / "benchmarks" / "sim_profile_cpu_served.json")
     if args.compare_only:
         doc = json.loads(Path(args.compare_only).read_text())
