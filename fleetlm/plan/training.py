@@ -6,7 +6,8 @@ ZeRO-1 shards the 12 B over the ``dp`` ranks, ZeRO-2 also the grads, ZeRO-3 also
 (and gathers two layers' bf16 params at a time: the current one and the prefetched next).
 PyTorch FSDP2 with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` keeps the
 sharded params in fp32 (4), grads in fp32 (4) and Adam state (8): 16 B/param / dp, plus the
-unsharded bf16 params of two layers and the bf16 grads of one.
+unsharded bf16 params of two units and the bf16 grads of one, a unit being a decoder layer or,
+when the vocabulary makes it bigger, the embedding or the LM head (FSDP gathers each whole).
 
 Activations saved for backward, per token and layer, bf16, flash attention (no score matrix):
 the two norm inputs and their outputs (4h), Q, K, V and the attention output
@@ -96,28 +97,35 @@ def activation_bytes(m: ModelSpec, seq_len: int, micro_batch: int, tp: int,
     return (body + logits) / tp
 
 
-def state_bytes(strategy: str, n: float, dp: int, layer: float = 0.0) -> tuple[float, ...]:
+def state_bytes(strategy: str, n: float, dp: int, layer: float = 0.0,
+                compute_bytes: int = 2) -> tuple[float, ...]:
     """(params, grads, optimizer, gather buffers) bytes per GPU for ``n`` params and ``dp`` ranks.
 
-    ``layer`` is the parameter count of the largest layer (what ZeRO-3/FSDP gather at once).
+    ``layer`` is the parameter count of the largest unit ZeRO-3/FSDP gathers at once (a decoder
+    layer, or the embedding / LM head when the vocabulary makes them bigger), gathered in the
+    compute dtype (``compute_bytes``: 2 for bf16, 4 for float32 training).
     """
+    cb = compute_bytes
     if strategy == "fsdp2":
-        return 4 * n / dp, 4 * n / dp, 8 * n / dp, 2 * 2 * layer + 2 * layer
+        return 4 * n / dp, 4 * n / dp, 8 * n / dp, 2 * cb * layer + cb * layer
     p, g, o = {"ddp": (1, 1, 1), "zero1": (1, 1, dp), "zero2": (1, dp, dp),
                "zero3": (dp, dp, dp)}[strategy]
-    return 2 * n / p, 2 * n / g, 12 * n / o, (2 * 2 * layer if strategy == "zero3" else 0.0)
+    return 2 * n / p, 2 * n / g, 12 * n / o, (2 * cb * layer if strategy == "zero3" else 0.0)
 
 
 def strategy_memory(m: ModelSpec, hw: HardwareSpec, strategy: str, *, dp: int, tp: int = 1,
                     pp: int = 1, ep: int = 1, seq_len: int = 4096, micro_batch: int = 1,
                     memory_utilization: float = 0.9, act_bytes: int = 2) -> StrategyMemory:
+    """``act_bytes``: bytes per value of the compute dtype (activations and gathered params)."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown training strategy {strategy!r}; accepted values: "
                         f"{', '.join(STRATEGIES)}")
     n = params_per_gpu(m, tp, pp, ep)
-    layer = max(sum(layer_params(m, i)) for i in range(m.num_layers)) / tp
+    # FSDP units: each decoder layer, and the embedding and head (one unit when tied)
+    unit = max(max(sum(layer_params(m, i)) for i in range(m.num_layers)), m.vocab_size * m.hidden_size)
+    layer = unit / tp
     return StrategyMemory(
-        strategy, *state_bytes(strategy, n, dp, layer),
+        strategy, *state_bytes(strategy, n, dp, layer, act_bytes),
         activation_bytes(m, seq_len, micro_batch, tp, False, act_bytes),
         activation_bytes(m, seq_len, micro_batch, tp, True, act_bytes),
         hw.runtime_overhead_bytes, hw.memory_bytes * memory_utilization)
