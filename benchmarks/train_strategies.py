@@ -165,24 +165,47 @@ def run(name: str, threads_total: int, peak_1t: float) -> dict:
     peak = peak_1t * threads * world
     tps = tokens / step_s
     plan = planner(ranks[0]["hf_config"], strategy, world, name, micro, 128, peak_1t * threads)
-    return {"strategy": name, "world": world, "threads_per_rank": threads, "tokens_per_s": tps,
+    return {"strategy": name, "world": world, "micro_batch": micro, "hf_config": ranks[0]["hf_config"], "threads_per_rank": threads, "tokens_per_s": tps,
             "mfu": tps * ranks[0]["flops_per_token"] / peak, "final_loss": ranks[0]["loss"],
             "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
             "lifetime_peak_bytes_per_rank": [r["lifetime_peak_bytes"] for r in ranks], "planner": plan}
+
+
+def replan(path: str) -> dict:
+    """Recompute the planner's columns of an earlier run (measurements unchanged)."""
+    from fleetlm.models.loader import config_from_hf
+    from fleetlm.train.model import PRESETS, _tokenizer, hf_config_dict
+
+    tok = _tokenizer("smollm2-135m-instruct")
+    hf = dict(PRESETS["small"], architectures=["LlamaForCausalLM"], vocab_size=tok.vocab_size)
+    small = hf_config_dict(config_from_hf(hf), tok, 2048)
+    result = json.loads(Path(path).read_text())
+    for r in result["rows"]:
+        world, overrides, strategy = STRATEGIES[r["strategy"]]
+        r.setdefault("hf_config", small)
+        r.setdefault("micro_batch", int(next(o for o in overrides if "micro_batch" in o).split("=")[1]))
+        r["planner"] = planner(r["hf_config"], strategy, world, r["strategy"], r["micro_batch"], 128,
+                               result["fp32_peak_flops_per_thread"] * r["threads_per_rank"])
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/train_strategies.json")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--replan", action="store_true", help="only recompute the planner columns of --out")
     args = ap.parse_args()
-    threads = len(os.sched_getaffinity(0))
-    peak_1t = fp32_peak_flops(1)
-    rows = [run(n, threads, peak_1t) for n in (args.only or STRATEGIES)]
-    result = {"cpu": _cpu(), "threads": threads, "fp32_peak_flops_per_thread": peak_1t,
-              "load_before": os.getloadavg(), "rows": rows}
+    if args.replan:
+        result = replan(args.out)
+    else:
+        threads = len(os.sched_getaffinity(0))
+        peak_1t = fp32_peak_flops(1)
+        load = os.getloadavg()
+        rows = [run(n, threads, peak_1t) for n in (args.only or STRATEGIES)]
+        result = {"cpu": _cpu(), "threads": threads, "fp32_peak_flops_per_thread": peak_1t,
+                  "load_before": load, "load_after": os.getloadavg(), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
-    for r in rows:
+    for r in result["rows"]:
         p = r["planner"]
         mem = max(r["peak_bytes_per_rank"])
         print(f"{r['strategy']:10s} {r['tokens_per_s']:8.0f} tok/s  MFU {r['mfu']:.3f}  peak/rank "

@@ -127,7 +127,12 @@ def apply_data_parallel(root: nn.Module, layers: list[nn.Module], p: Parallelism
             raise ValueError("precision.param_dtype bfloat16 needs FSDP (parallelism.dp_shard > 1), not DDP")
         replicate(root, device_mesh=layout.mesh["dp_replicate"])
         return
+    import warnings
+
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # the head returns a view (the vocabulary's padding sliced off); nothing writes into it
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
     dims = ("dp_replicate", "dp_shard") if p.dp_replicate > 1 else ("dp_shard",)
     mesh = layout.mesh[dims]
