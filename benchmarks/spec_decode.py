@@ -104,17 +104,21 @@ def _reset_spec(llm: LLM) -> None:
         spec.stats = SpecDecodeStats(accepted_per_pos=[0] * spec.config.num_speculative_tokens)
 
 
-def batch1(llm: LLM, prompts: list[str], max_tokens: int) -> dict:
+def batch1(llms: dict[str, LLM], prompts: list[str], max_tokens: int) -> dict[str, dict]:
+    """Each prompt alone through every engine in turn (interleaved, so load drift hits all alike)."""
     sp = SamplingParams(temperature=0, max_tokens=max_tokens)
-    llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-    _reset_spec(llm)
-    tokens, seconds = 0, 0.0
+    for llm in llms.values():
+        llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        _reset_spec(llm)
+    tokens, seconds = dict.fromkeys(llms, 0), dict.fromkeys(llms, 0.0)
     for p in prompts:
-        (o,) = llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)
-        m = o.metrics
-        tokens += len(o.outputs[0].token_ids) - 1
-        seconds += m.last_token_time - m.first_token_time
-    return {"decode_tok_s": round(tokens / seconds, 2), "tokens": tokens, **_spec_figures(llm)}
+        for name, llm in llms.items():
+            (o,) = llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)
+            m = o.metrics
+            tokens[name] += len(o.outputs[0].token_ids) - 1
+            seconds[name] += m.last_token_time - m.first_token_time
+    return {name: {"decode_tok_s": round(tokens[name] / seconds[name], 2), "tokens": tokens[name],
+                   **_spec_figures(llm)} for name, llm in llms.items()}
 
 
 def conc16(llm: LLM, max_tokens: int) -> dict:
@@ -152,21 +156,22 @@ def main() -> None:
     args = ap.parse_args()
     base = LLM(kv_cache_memory=256 << 20) if any(m in args.methods for m in ("draft", "eagle", "medusa")) else None
     results = json.loads(Path(args.out).read_text()) if os.path.exists(args.out) else {}
-    for method in args.methods.split(","):
-        cfg = spec_config(method, args.k, base)
-        llm = LLM(kv_cache_memory=256 << 20, speculative_config=cfg, max_num_seqs=16)
-        if args.part == "batch1":
-            for w in args.workloads.split(","):
-                r = batch1(llm, COPY if w == "copy" else CHAT, args.max_tokens)
+    if args.part == "batch1":
+        llms = {m: LLM(kv_cache_memory=256 << 20, speculative_config=spec_config(m, args.k, base))
+                for m in args.methods.split(",")}
+        for w in args.workloads.split(","):
+            for method, r in batch1(llms, COPY if w == "copy" else CHAT, args.max_tokens).items():
                 results.setdefault("batch1", {}).setdefault(w, {})[method] = r
                 print(f"batch1 {w:5s} {method:12s} {r}", flush=True)
-        else:
-            r = conc16(llm, args.max_tokens) if args.part == "conc16" else prefix(llm, args.max_tokens)
-            results.setdefault(args.part, {})[method] = r
-            print(f"{args.part} {method:12s} {r}", flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        return
+    for method in args.methods.split(","):
+        llm = LLM(kv_cache_memory=256 << 20, speculative_config=spec_config(method, args.k, base), max_num_seqs=16)
+        r = conc16(llm, args.max_tokens) if args.part == "conc16" else prefix(llm, args.max_tokens)
+        results.setdefault(args.part, {})[method] = r
+        print(f"{args.part} {method:12s} {r}", flush=True)
         llm.shutdown()
         Path(args.out).write_text(json.dumps(results, indent=1))
-
 
 if __name__ == "__main__":
     main()

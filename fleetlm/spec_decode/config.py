@@ -32,8 +32,8 @@ class SpeculativeConfig:
     """One engine's speculation settings (see docs/SPEC_DECODE.md).
 
     ``adaptive``: pick k per step from measured acceptance and batch size (0 = do not speculate
-    this step); ``knee_tokens``: tokens per step past which a forward's cost grows with its
-    tokens (the rule's cost model); ``draft_cost``: one draft token's cost as a fraction of a
+    this step); ``knee_tokens``: tokens at which a step costs twice a one-token step (the rule's
+    cost model); ``draft_cost``: one draft token's cost as a fraction of a
     target step (None = the proposer's own estimate); ``disable_by_batch_size``: never speculate
     when this many requests or more are running.
     """
@@ -46,7 +46,7 @@ class SpeculativeConfig:
     num_draft_layers: int | None = None
     adaptive: bool = True
     disable_by_batch_size: int | None = None
-    knee_tokens: int = 64
+    knee_tokens: int = 100  # SmolLM2-135M bf16 on a 2-core Xeon (benchmarks/sim_profile_cpu.json)
     draft_cost: float | None = None
 
     @classmethod

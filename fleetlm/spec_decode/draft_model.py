@@ -1,6 +1,11 @@
 """``draft_model``: a smaller model with the target's tokenizer, its own paged KV cache on the
-target's block ids, run for k steps. Its cache is written for every valid position of every
-step (not only for requests that propose), so prefix-cache hits find draft K/V too."""
+target's block ids, run for k steps.
+
+The draft runs only for requests that want drafts in a step; its cache may then fall behind the
+target's. ``upto[req]`` is the first position whose draft K/V is not known to be written; the
+next drafting step first runs the tokens from there. A request's positions before its first step
+(prefix-cache hits) are trusted: they were written by whichever request computed those blocks
+when it drafted (stale draft K/V there costs acceptance, never correctness)."""
 
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ class DraftModelProposer(Proposer):
         self.model = build_model(files, runner.dtype, runner.max_positions + config.num_speculative_tokens + 2,
                                  range(n), runner.device).eval()
         self.kv_caches: dict[int, torch.Tensor] = {}
+        self.upto: dict[str, int] = {}  # per request: draft K/V written for positions before this
         self._params = sum(p.numel() for p in self.model.parameters())
 
     def kv_bytes_per_token(self) -> int:
@@ -57,7 +63,18 @@ class DraftModelProposer(Proposer):
         hidden = paged_forward(self.runner, runs, self.kv_caches, lambda ids, pos, order: self.model(ids, pos))
         return self.model.compute_logits(hidden), None
 
+    def forget(self, req_ids) -> None:
+        for rid in req_ids:
+            self.upto.pop(rid, None)
+
     def propose(self, batch: ProposeBatch) -> dict[str, list[int]]:
-        items = [it for it in batch.items if it.catch_up]
-        first = [Run(it.catch_up, it.start, it.block_ids) for it in items]
+        items, first = [], []
+        for it in batch.items:
+            start = self.upto.setdefault(it.req_id, it.start)
+            if it.num_drafts <= 0 or not it.emitted:
+                continue
+            end = it.start + len(it.valid_inputs) + 1  # through the token sampled last
+            items.append(it)
+            first.append(Run(it.token_ids[start:end], start, it.block_ids))
+            self.upto[it.req_id] = end
         return run_chain(items, first, self._step)

@@ -2,7 +2,10 @@
 norm: the features its LM head reads) and the next token's embedding; the head's output goes
 through the target's final norm and LM head, and that normed output is fed back as the next
 feature. The head's one layer keeps its own paged KV cache on the target's block ids: the pair
-(feature_p, token_{p+1}) is written at position p for every valid position of every step."""
+(feature_p, token_{p+1}) is written at position p for every valid position of every step that
+drafts (the target's features exist only in the step that computed them). Steps where the
+adaptive rule turns drafting off skip the head: those positions stay stale in its cache, which
+costs acceptance later, never correctness."""
 
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ class EagleProposer(Proposer):
         return model.compute_logits(out), out
 
     def propose(self, batch: ProposeBatch) -> dict[str, list[int]]:
+        if batch.num_spec_tokens == 0:
+            return {}
         items, first, feats = [], [], []
         for it in batch.items:
             n = len(it.valid_inputs)

@@ -2,9 +2,7 @@
 
 After the target has verified a step, every proposer sees the whole step (``ProposeBatch``): for
 each request, the positions of the step that turned out valid (the input tokens up to the last
-accepted draft), the tokens emitted this step and how many drafts to propose (0: none, but a
-proposer that keeps its own K/V still writes the valid positions so its cache stays in step with
-the target's). Drafts are the proposer's argmax: a point-mass draft distribution, for which the
+accepted draft), the tokens emitted this step and how many drafts to propose (0: none). Drafts are the proposer's argmax: a point-mass draft distribution, for which the
 verifier (``verify.py``) is exact rejection sampling.
 """
 
@@ -40,17 +38,13 @@ class ProposeItem:
     num_drafts: int  # drafts wanted (0 = none)
     block_ids: list[int]
 
-    @property
-    def catch_up(self) -> list[int]:
-        """Tokens a draft with its own cache runs from ``start``: the valid inputs, then the
-        token sampled last (its position is the one after them)."""
-        return self.valid_inputs + self.emitted[-1:]
-
 
 @dataclass
 class ProposeBatch:
     items: list[ProposeItem]
     hidden: torch.Tensor  # the target's final hidden states of the whole step [T, H]
+    num_spec_tokens: int = 0  # the step's k (0: the adaptive rule turned drafting off)
+    rebuilt: frozenset[str] = frozenset()  # requests (re)built from scratch this step (new, or after preemption)
 
 
 class Proposer(ABC):
@@ -80,6 +74,10 @@ class Proposer(ABC):
     @abstractmethod
     def propose(self, batch: ProposeBatch) -> dict[str, list[int]]:
         """Draft tokens per request id (at most ``item.num_drafts``; may be fewer or none)."""
+
+    def forget(self, req_ids) -> None:
+        """These requests finished or were preempted (their blocks are gone)."""
+        return None
 
 
 def register_proposer(method: str, target: str) -> None:

@@ -13,8 +13,9 @@
 Adaptive k (docs/SPEC_DECODE.md): with per-draft acceptance ``a`` (a moving average of the
 measured rate), a step with k drafts emits ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens per request
 and costs, relative to a step without drafts, ``C(k) = f(B (1 + k)) / f(B) + k c`` where ``B`` is
-the number of running requests, ``f(T) = max(1, T / knee_tokens)`` (a step is memory bound
-below the knee, compute bound above it) and ``c`` the proposer's cost per draft. The step uses
+the number of running requests, ``f(T) = 1 + T / knee_tokens`` the cost of a step of T tokens
+(``knee_tokens``: where a step costs twice a one-token step; reading the weights dominates below
+it, compute above) and ``c`` the proposer's cost per draft. The step uses
 the k in ``0..K`` that maximises ``E(k) / C(k)``; ``k = 0`` (no drafts) when nothing beats 1.
 While speculation is off, one step in ``PROBE_EVERY`` drafts one token to keep measuring.
 """
@@ -71,7 +72,7 @@ def expected_tokens(a: float, k: int) -> float:
 
 def best_k(a: float, batch: int, k_max: int, knee: int, draft_cost: float) -> int:
     def f(tokens: int) -> float:
-        return max(1.0, tokens / knee)
+        return 1.0 + tokens / knee
 
     best, best_gain = 0, 1.0
     for k in range(1, k_max + 1):

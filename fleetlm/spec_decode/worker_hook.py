@@ -98,7 +98,10 @@ class SpecDecodeWorker:
             items.append(ProposeItem(s.req_id, s.prompt_token_ids + s.output_token_ids + emitted, int(ctx[i]),
                                      ids[a : a + valid], torch.arange(a, a + valid, device=hidden.device),
                                      emitted, want, list(s.block_ids)))
-        drafts = self.proposer.propose(ProposeBatch(items, hidden))
+        self.proposer.forget(so.finished_req_ids)
+        rebuilt = frozenset(r.req_id for r in so.scheduled_new_reqs)
+        self.proposer.forget(rebuilt)
+        drafts = self.proposer.propose(ProposeBatch(items, hidden, so.num_spec_tokens, rebuilt))
         out.spec_token_ids = {rid: d for rid, d in drafts.items() if d}
 
 

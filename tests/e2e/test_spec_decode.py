@@ -59,3 +59,31 @@ def test_cli_refuses_a_bad_speculative_config():
                             "--port", "18501"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (bad, r.stderr[-500:])
         assert "speculative" in r.stderr
+
+
+def test_server_speculates_and_reports_acceptance(tiny_model_dir):
+    """``fleetlm serve --speculative-config``: greedy completions equal the offline engine's without
+    speculation, ``/metrics`` counts drafts, ``fleetlm bench serve`` prints the acceptance figures."""
+    import json
+
+    import httpx
+
+    from tests.server_utils import ServerProcess
+
+    prompt = "one two three four one two three four one two three four one two"
+    want = LLM(str(tiny_model_dir), dtype="float32", kv_cache_memory=32 << 20).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0].text
+    cfg = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "adaptive": False, "prompt_lookup_min": 1})
+    with ServerProcess(["--dtype", "float32", "--kv-cache-memory", "32MiB", "--speculative-config", cfg],
+                       model=tiny_model_dir) as srv:
+        r = httpx.post(srv.url + "/v1/completions", timeout=60,
+                       json={"model": str(tiny_model_dir), "prompt": prompt, "max_tokens": 24, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        assert srv.metric("fleetlm:spec_decode_num_draft_tokens_total") > 0
+        assert srv.metric("fleetlm:spec_decode_num_drafts_total") > 0
+        bench = subprocess.run([sys.executable, "-m", "fleetlm.entrypoints.cli", "bench", "serve", "--base-url", srv.url,
+                                "--num-prompts", "4", "--random-input-len", "24", "--random-output-len", "16",
+                                "--tokenizer", str(tiny_model_dir), "--num-warmups", "0", "--ignore-eos"],
+                               capture_output=True, text=True, timeout=300)
+        assert bench.returncode == 0, bench.stderr[-800:]
+        assert "Speculative Decoding" in bench.stdout and "Acceptance length:" in bench.stdout
