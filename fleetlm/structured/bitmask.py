@@ -41,11 +41,11 @@ class GrammarBitmask:
             picks.append(rows[min(j, len(rows) - 1)] if rows else -1)
         if all(p < 0 for p in picks):
             return None
-        full = torch.full((len(order), self.bitmask.shape[1]), -1, dtype=torch.int32)
-        for row, p in enumerate(picks):
-            if p >= 0:
-                full[row] = self.bitmask[p]
-        return full
+        if picks == list(range(len(self.req_ids))):
+            return self.bitmask
+        ones = torch.full((1, self.bitmask.shape[1]), -1, dtype=torch.int32)  # the last row: no grammar
+        last = len(self.req_ids)
+        return torch.cat((self.bitmask, ones)).index_select(0, torch.tensor([p if p >= 0 else last for p in picks]))
 
     def subset(self, req_ids: set[str]) -> GrammarBitmask | None:
         keep = [i for i, rid in enumerate(self.req_ids) if rid in req_ids]
