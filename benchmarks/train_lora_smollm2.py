@@ -1,5 +1,6 @@
 """LoRA fine-tune of SmolLM2-135M-Instruct on a small task: memorising 16 made-up facts
-("The secret code of Alice is 4721."). Task metric: the share of facts whose code the model
+("The secret code of Alice is 4721."), each seen 8 times in shuffled orders (packed into
+sequences of 32 tokens, about 1.4 epochs in 32 steps). Task metric: the share of facts whose code the model
 produces greedily after "The secret code of NAME is" (teacher-forced argmax over the code's
 tokens, which equals greedy decoding when every token matches), and the mean loss on those
 tokens; before (the adapter's B starts at zero: the base model) and after training.
@@ -45,13 +46,15 @@ def evaluate(lm, tok, items: list[tuple[str, str]]) -> tuple[float, float]:
     return hits / len(items), sum(losses) / len(losses)
 
 
-def main(steps: int = 24) -> dict:
+def main(steps: int = 32) -> dict:
     from fleetlm.train.config import load_config
     from fleetlm.train.trainer import Trainer
 
     items = facts()
     tmp = Path(tempfile.mkdtemp())
-    (tmp / "facts.jsonl").write_text("".join(json.dumps({"text": p + a}) + "\n" for p, a in items))
+    rng = random.Random(1)  # the facts in 8 shuffled orders: the name, not the neighbours, cues the code
+    docs = [p + a for _ in range(8) for p, a in rng.sample(items, len(items))]
+    (tmp / "facts.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     cfg = load_config(None, [
         'model.path="smollm2-135m-instruct"', f'data.paths=["{tmp / "facts.jsonl"}"]', 'data.format="jsonl"',
         "data.seq_len=32", f"training.steps={steps}", "training.micro_batch=4", "optimizer.lr=3e-3",
@@ -71,6 +74,12 @@ def main(steps: int = 24) -> dict:
 
 
 if __name__ == "__main__":
-    out = main()
-    Path("benchmarks/train_lora_smollm2.json").write_text(json.dumps(out, indent=1))
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/train_lora_smollm2.json")
+    args = ap.parse_args()
+    out = main(args.steps)
+    Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
