@@ -1,7 +1,7 @@
 """LoRA fine-tune of SmolLM2-135M-Instruct on a small task: memorising 16 made-up facts
 ("The secret code of Alice is 4721."), each seen 8 times in shuffled orders (packed into
-sequences of 32 tokens: 54 sequences, about 2.4 passes in 32 steps). Task metric: the share of facts whose code the model
-produces greedily after "The secret code of NAME is" (teacher-forced argmax over the code's
+sequences of 32 tokens: 54 sequences, about 2.4 passes in 32 steps). Task metric: the share
+of facts whose code the model produces greedily after "The secret code of NAME is" (teacher-forced argmax over the code's
 tokens, which equals greedy decoding when every token matches), and the mean loss on those
 tokens; before (the adapter's B starts at zero: the base model) and after training.
 Fixed seed and workload; one process. Not a timing run (no speed is recorded), so it runs at
