@@ -40,6 +40,11 @@ def check_config(cfg: TrainConfig) -> None:
     m, d, p, t = cfg.model, cfg.data, cfg.parallelism, cfg.training
     if (m.path is None) == (m.size is None):
         raise ValueError("set exactly one of model.path (start from weights) and model.size (from scratch)")
+    from fleetlm.models.hub import DEFAULT_MODEL
+
+    if m.path is not None and (m.seed != 0 or m.tokenizer != DEFAULT_MODEL):
+        raise ValueError("model.seed and model.tokenizer are for a model from scratch (model.size); "
+                         "model.path brings its own weights and tokenizer")
     _choice("data.format", d.format, FORMATS)
     _positive("data.seq_len", d.seq_len)
     if not d.paths:
@@ -78,7 +83,19 @@ def check_config(cfg: TrainConfig) -> None:
     if (cfg.checkpoint.every or cfg.checkpoint.resume) and not cfg.checkpoint.dir:
         raise ValueError("checkpoint.every / checkpoint.resume need checkpoint.dir")
     _positive("logging.every", cfg.logging.every)
+    _check_unused_parallel(cfg)
     _check_lora(cfg)
+
+
+def _check_unused_parallel(cfg: TrainConfig) -> None:
+    """Settings that only mean something in some layouts are refused in the others."""
+    p = cfg.parallelism
+    if p.pp == 1 and (p.pp_schedule != "1f1b" or p.pp_microbatches != 2):
+        raise ValueError("parallelism.pp_schedule / pp_microbatches need parallelism.pp > 1")
+    if p.dp_shard == 1 and not p.reshard_after_forward:
+        raise ValueError("parallelism.reshard_after_forward is an FSDP setting: it needs dp_shard > 1")
+    if p.dp_shard == 1 and cfg.precision.reduce_dtype != "float32":
+        raise ValueError("precision.reduce_dtype is an FSDP setting: it needs parallelism.dp_shard > 1")
 
 
 def _check_lora(cfg: TrainConfig) -> None:

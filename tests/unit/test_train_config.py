@@ -138,3 +138,14 @@ def test_cli_trains_logs_and_plots(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["train", "--config", str(tmp_path / "c.toml"), "--set", "data.nope=1"]) == 2
     assert "unknown key(s) in [data]: nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (['model.path="x"', "model.seed=3"], "model.seed and model.tokenizer are for a model from scratch"),
+    (['model.size="tiny"', "parallelism.pp_microbatches=4"], "need parallelism.pp > 1"),
+    (['model.size="tiny"', "parallelism.reshard_after_forward=false"], "needs dp_shard > 1"),
+    (['model.size="tiny"', 'precision.reduce_dtype="bfloat16"'], "needs parallelism.dp_shard > 1"),
+])
+def test_a_setting_its_layout_would_ignore_is_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
