@@ -54,9 +54,8 @@ class EngineCoreClient(ABC):
 
 class InprocClient(EngineCoreClient):
     def __init__(self, args: EngineArgs, files: LoadedModel, dtype, max_model_len: int) -> None:
-        from fleetlm.engine.engine_core import EngineCore
-
         from fleetlm.core.kv_events import attach_publisher
+        from fleetlm.engine.engine_core import EngineCore
 
         self.core = EngineCore(args, files, dtype, max_model_len)
         self.max_model_len = max_model_len
