@@ -60,7 +60,11 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config.method {method!r} is not supported; choose one of: "
                              f"{', '.join(speculative_methods())}")
         allowed, required = _METHOD_KEYS[method]
-        unknown = sorted(set(raw) - _COMMON_KEYS - allowed)
+        defaults = {f.name: f.default for f in fields(cls)}
+        # a key of another method is refused unless it holds its default (a config that went
+        # through serialisation, e.g. to the engine-core process, carries every field)
+        unknown = sorted(k for k in set(raw) - _COMMON_KEYS - allowed
+                         if k not in defaults or raw[k] != defaults[k])
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) for method {method!r}: {', '.join(unknown)}; "
                              f"accepted: {', '.join(sorted(_COMMON_KEYS | allowed))}")

@@ -22,7 +22,7 @@ ENGINE = dict(dtype="float32", kv_cache_memory=256 << 20)
 
 @pytest.fixture(scope="module")
 def reference(llm_fp32):
-    sp = SamplingParams(temperature=0, max_tokens=32)
+    sp = SamplingParams(temperature=0, max_tokens=24)
     return [o.outputs[0].token_ids for o in llm_fp32.generate(PROMPTS, sp, use_tqdm=False)]
 
 
@@ -41,7 +41,7 @@ def _config(method: str, llm_fp32, tmp_path) -> dict:
 @pytest.mark.parametrize("method", ["ngram", "draft_model", "self_spec", "eagle", "medusa"])
 def test_greedy_equals_no_speculation(method, llm_fp32, reference, tmp_path):
     with LLM(speculative_config=_config(method, llm_fp32, tmp_path), **ENGINE) as llm:
-        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32),
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24),
                                                               use_tqdm=False)]
         stats = llm.engine.core.scheduler.spec.stats
     assert got == reference

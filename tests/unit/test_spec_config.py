@@ -34,6 +34,11 @@ def test_bad_config_is_a_value_error_naming_it(raw, match):
 def test_engine_args_parse_and_check_it():
     args = EngineArgs(speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     assert args.speculative_config == SpeculativeConfig("ngram", 3)
+    # what the engine-core process receives: every field, serialised and parsed again
+    import msgspec
+
+    again = msgspec.msgpack.decode(msgspec.msgpack.encode(args), type=EngineArgs)
+    assert again.speculative_config == args.speculative_config
     with pytest.raises(ValueError, match="unknown key"):
         EngineArgs.from_kwargs("m", speculative_config={"method": "ngram", "num_speculative_tokens": 3, "k": 1})
     with pytest.raises(ValueError, match="one rank"):

@@ -45,7 +45,7 @@ def _prefix(seen, h) -> list[int]:
 
 def test_mixed_requests_with_preemption_and_aborts(tiny_model_dir):
     rng = random.Random(0)
-    llm = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=40, max_model_len=256,
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=32, max_model_len=256,
               speculative_config={**CFG, "model": str(tiny_model_dir)}, max_num_batched_tokens=256)
     eng, sched = llm.engine, llm.engine.core.scheduler
     seen, finals = _record_inserts(sched.kv), _record_finals(sched)
@@ -57,10 +57,10 @@ def test_mixed_requests_with_preemption_and_aborts(tiny_model_dir):
         if rng.random() < 0.3:
             prompt = prompt + prompt[-8:] * 2  # something for the drafts to copy
         sp = rng.choice([
-            SamplingParams(temperature=0, max_tokens=rng.randrange(1, 40)),
-            SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=rng.randrange(1, 40), n=rng.choice([1, 2])),
-            SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[rng.randrange(100, 40000)], min_tokens=3),
-            SamplingParams(temperature=1.0, max_tokens=25, ignore_eos=True, disable_speculation=True),
+            SamplingParams(temperature=0, max_tokens=rng.randrange(1, 24)),
+            SamplingParams(temperature=0.9, seed=i, max_tokens=rng.randrange(1, 24), n=rng.choice([1, 2])),
+            SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[rng.randrange(100, 40000)], min_tokens=3),
+            SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, disable_speculation=True),
         ])
         rid = f"r{i}"
         eng.add_request(rid, None, prompt, sp)
