@@ -167,13 +167,14 @@ def compare(profile: str, tuned, scen: list[dict], n: int) -> None:
 
 
 def table(scen: list[dict]) -> str:
-    """Per metric: served (mean of the passes) / simulated (calibrated profile), its error, and
-    the spread of the served passes."""
-    head = " | ".join(f"{k}: served / sim (error; spread)" for k in METRICS)
+    """Per metric: the served passes, the simulation (calibrated profile), its error against the
+    passes' mean, and the passes' spread."""
+    head = " | ".join(f"{k}: served (passes) / sim: error; spread" for k in METRICS)
     rows = [f"| scenario | req/s | {head} |", "|---|---|" + "---|" * len(METRICS)]
     for s in scen:
-        cells = [f"{s['served_mean'][k]:,.0f} / {s['simulated_calibrated'][k]:,.0f} "
-                 f"({s['error'][k]:+.1%}; {s['spread'][k]:.1%})" for k in METRICS]
+        passes = [s[k] for k in ("served", "served_2") if k in s]
+        cells = [f"{' , '.join(f'{p[k]:,.0f}' for p in passes)} / {s['simulated_calibrated'][k]:,.0f}: "
+                 f"**{s['error'][k]:+.1%}**; {s['spread'][k]:.1%}" for k in METRICS]
         rows.append(f"| {s['name']} | {s['rate']:g} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
