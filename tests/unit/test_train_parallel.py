@@ -127,3 +127,9 @@ def test_fsdp2_bf16_mixed_precision_tracks_float32(reference, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[0]), rtol=5e-3, atol=0)
     assert all(p.dtype == torch.float32 for p in params.values())
     assert losses != reference[0]
+
+
+def test_hsdp_on_four_ranks_equals_one_process(reference, tmp_path):
+    """HSDP: FSDP2 over a 2-D data-parallel mesh (replicate 2 x shard 2), one sequence per rank."""
+    got = run_ranks(4, ["training.micro_batch=1", "parallelism.dp_shard=2", "parallelism.dp_replicate=2"], tmp_path)
+    assert_same(reference, got)
