@@ -20,7 +20,7 @@ _METHOD_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "self_spec": (frozenset({"num_draft_layers"}), frozenset({"num_draft_layers"})),
 }
 _COMMON_KEYS = frozenset({"method", "num_speculative_tokens", "adaptive", "disable_by_batch_size",
-                          "knee_tokens", "draft_cost"})
+                          "knee_tokens", "segment_cost", "draft_cost"})
 
 
 def speculative_methods() -> list[str]:
@@ -47,6 +47,7 @@ class SpeculativeConfig:
     adaptive: bool = True
     disable_by_batch_size: int | None = None
     knee_tokens: int = 100  # SmolLM2-135M bf16 on a 2-core Xeon (benchmarks/sim_profile_cpu.json)
+    segment_cost: float = 0.17  # a multi-token query's own attention segment, per one-token step (same profile)
     draft_cost: float | None = None
 
     @classmethod
@@ -96,6 +97,8 @@ class SpeculativeConfig:
         v = self.disable_by_batch_size
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             bad("disable_by_batch_size", "must be an integer >= 1")
+        if not isinstance(self.segment_cost, (int, float)) or not 0.0 <= self.segment_cost <= 10.0:
+            bad("segment_cost", "must be a number in [0, 10]")
         if self.draft_cost is not None and (not isinstance(self.draft_cost, (int, float))
                                             or not 0.0 <= self.draft_cost <= 10.0):
             bad("draft_cost", "must be a number in [0, 10]")

@@ -12,10 +12,12 @@
 
 Adaptive k (docs/SPEC_DECODE.md): with per-draft acceptance ``a`` (a moving average of the
 measured rate), a step with k drafts emits ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens per request
-and costs, relative to a step without drafts, ``C(k) = f(B (1 + k)) / f(B) + k c`` where ``B`` is
-the number of running requests, ``f(T) = 1 + T / knee_tokens`` the cost of a step of T tokens
-(``knee_tokens``: where a step costs twice a one-token step; reading the weights dominates below
-it, compute above) and ``c`` the proposer's cost per draft. The step uses
+and costs, relative to a step without drafts, ``C(k) = (f(B (1 + k)) + B s) / f(B) + k c`` where
+``B`` is the number of running requests, ``f(T) = 1 + T / knee_tokens`` the cost of a step of T
+tokens (``knee_tokens``: where a step costs twice a one-token step; reading the weights
+dominates below it, compute above), ``s`` the extra cost of a request whose query holds several
+tokens (``segment_cost``: attention runs it as its own segment) and ``c`` the proposer's cost
+per draft. The step uses
 the k in ``0..K`` that maximises ``E(k) / C(k)``; ``k = 0`` (no drafts) when nothing beats 1.
 While speculation is off, one step in ``PROBE_EVERY`` drafts one token to keep measuring.
 """
@@ -70,13 +72,14 @@ def expected_tokens(a: float, k: int) -> float:
     return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def best_k(a: float, batch: int, k_max: int, knee: int, draft_cost: float) -> int:
+def best_k(a: float, batch: int, k_max: int, knee: int, draft_cost: float, segment_cost: float = 0.0) -> int:
     def f(tokens: int) -> float:
         return 1.0 + tokens / knee
 
     best, best_gain = 0, 1.0
     for k in range(1, k_max + 1):
-        gain = expected_tokens(a, k) / (f(batch * (1 + k)) / f(batch) + k * draft_cost)
+        cost = (f(batch * (1 + k)) + batch * segment_cost) / f(batch) + k * draft_cost
+        gain = expected_tokens(a, k) / cost
         if gain > best_gain + 1e-9:
             best, best_gain = k, gain
     return best
@@ -102,7 +105,8 @@ class SpecScheduler:
         elif not c.adaptive:
             k = c.num_speculative_tokens
         else:
-            k = best_k(self.acceptance, max(1, num_running), c.num_speculative_tokens, c.knee_tokens, self.draft_cost)
+            k = best_k(self.acceptance, max(1, num_running), c.num_speculative_tokens, c.knee_tokens, self.draft_cost,
+                       c.segment_cost)
             if k == 0:
                 self._steps_off += 1
                 if self._steps_off >= PROBE_EVERY:
