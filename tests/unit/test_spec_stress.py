@@ -45,7 +45,7 @@ def _prefix(seen, h) -> list[int]:
 
 def test_mixed_requests_with_preemption_and_aborts(tiny_model_dir):
     rng = random.Random(0)
-    llm = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=32, max_model_len=256,
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=48, max_model_len=256,
               speculative_config={**CFG, "model": str(tiny_model_dir)}, max_num_batched_tokens=256)
     eng, sched = llm.engine, llm.engine.core.scheduler
     seen, finals = _record_inserts(sched.kv), _record_finals(sched)
