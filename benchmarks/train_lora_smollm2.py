@@ -1,6 +1,6 @@
 """LoRA fine-tune of SmolLM2-135M-Instruct on a small task: memorising 16 made-up facts
 ("The secret code of Alice is 4721."), each seen 8 times in shuffled orders (packed into
-sequences of 32 tokens: 54 sequences, about 2.4 passes in 32 steps). Task metric: the share
+sequences of 32 tokens: 54 sequences, about 4.7 passes in 64 steps). Task metric: the share
 of facts whose code the model produces greedily after "The secret code of NAME is" (teacher-forced argmax over the code's
 tokens, which equals greedy decoding when every token matches), and the mean loss on those
 tokens; before (the adapter's B starts at zero: the base model) and after training.
@@ -46,7 +46,7 @@ def evaluate(lm, tok, items: list[tuple[str, str]]) -> tuple[float, float]:
     return hits / len(items), sum(losses) / len(losses)
 
 
-def main(steps: int = 32) -> dict:
+def main(steps: int = 64) -> dict:
     from fleetlm.train.config import load_config
     from fleetlm.train.trainer import Trainer
 
@@ -77,7 +77,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/train_lora_smollm2.json")
     args = ap.parse_args()
     out = main(args.steps)
