@@ -191,3 +191,11 @@ def test_speculation_under_a_grammar_changes_nothing(tiny_model_dir, llm, method
     assert stats.spec_num_draft_tokens > 0  # it did speculate
     if method["method"] == "ngram":  # some drafts fit the grammar and were accepted (ngram: 13 of 68)
         assert stats.spec_num_accepted_tokens > 0
+
+
+def test_json_object_starts_an_object(llm):
+    """Any JSON object is unbounded (a random model never closes it): check the first tokens."""
+    outs = llm.generate([{"prompt_token_ids": [40 + i, 41]} for i in range(4)],
+                        SamplingParams(max_tokens=6, temperature=1.0, seed=3, structured_outputs={"json_object": True}),
+                        use_tqdm=False)
+    assert all(o.outputs[0].text.lstrip().startswith("{") for o in outs)
