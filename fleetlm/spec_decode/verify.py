@@ -19,15 +19,13 @@ seeded and greedy requests emit the same tokens with or without speculation.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
 
 def accept_prefix(drafts: list[int], samples: list[int], limit: int | None = None) -> list[int]:
     """Tokens to emit: ``samples[j]`` for each position while the drafts match, ending with the
     first mismatching sample or the bonus sample. ``samples`` has ``len(drafts) + 1`` entries;
-    only the first ``limit`` drafts may be accepted (the grammar hook's valid prefix)."""
+    only the first ``limit`` drafts may be accepted."""
     n = len(drafts) if limit is None else min(limit, len(drafts))
     out: list[int] = []
     for j in range(n):
@@ -57,18 +55,3 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
         return out
     out.append(int(torch.multinomial(target_probs[len(draft_ids)], 1, generator=generator)))
     return out
-
-
-class DraftTokenAcceptor(Protocol):
-    """Hook for structured output: a request's grammar matcher walks the drafts before they are
-    verified and rolls back the ones that were not emitted.
-
-    ``accept_drafts(req_id, tokens)`` advances the matcher through ``tokens`` and returns how many
-    (a prefix) the grammar allows; only those may be accepted. After verification,
-    ``rollback(req_id, n)`` undoes the last ``n`` of them (``allowed - accepted``). The token
-    emitted after the accepted drafts goes through the matcher as any sampled token does.
-    """
-
-    def accept_drafts(self, req_id: str, tokens: list[int]) -> int: ...
-
-    def rollback(self, req_id: str, num_tokens: int) -> None: ...

@@ -17,7 +17,7 @@ import torch
 from fleetlm.core.sched_output import Logprob, ModelRunnerOutput, PositionLogprobs
 from fleetlm.spec_decode.config import SpeculativeConfig
 from fleetlm.spec_decode.proposer import ProposeBatch, ProposeItem, build_proposer
-from fleetlm.spec_decode.verify import DraftTokenAcceptor, accept_prefix
+from fleetlm.spec_decode.verify import accept_prefix
 from fleetlm.worker.input_batch import build_sampling_metadata
 
 
@@ -27,7 +27,6 @@ class SpecDecodeWorker:
         self.config = config
         self.runner = runner
         self.proposer = build_proposer(config, runner, tokenizer)
-        self.acceptor: DraftTokenAcceptor | None = None  # structured output plugs in here
 
     def kv_bytes_per_token(self) -> int:
         return self.proposer.kv_bytes_per_token()
@@ -69,12 +68,8 @@ class SpecDecodeWorker:
         row = 0
         for i in samples:
             s, k = states[i], ks[i]
-            limit = None
-            if self.acceptor is not None and k:
-                limit = self.acceptor.accept_drafts(s.req_id, s.spec_token_ids)
-            emitted = accept_prefix(s.spec_token_ids, sampled[row : row + k + 1], limit)
-            if self.acceptor is not None and k:
-                self.acceptor.rollback(s.req_id, (limit if limit is not None else k) - (len(emitted) - 1))
+            # a grammar refuses a draft through its bitmask row (the target may not sample it)
+            emitted = accept_prefix(s.spec_token_ids, sampled[row : row + k + 1])
             out.sampled_token_ids[i] = emitted
             n = s.sampling_params.logprobs
             if n is not None:
