@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="tokenizer source for --prefix-mode precise (alias, GGUF or HF dir)")
     p.add_argument("--block-size", type=int, default=16, help="the replicas' KV block size (precise mode)")
     p.add_argument("--api-key", action="append", default=[], help="clients must send one (repeat)")
+    p.add_argument("--tenants", metavar="FILE",
+                   help="tenants TOML (the replicas' file): keys -> tenants; their limits are enforced with this "
+                        "router's own buckets (per router); SIGHUP reloads it (docs/TENANCY.md)")
     p.add_argument("--admin-key", action="append", default=[],
                    help=f"enables POST/DELETE /workers for holders (also ${ADMIN_KEY_ENV})")
     p.add_argument("--worker-api-key", help="API key the router sends to the replicas")
@@ -62,6 +65,10 @@ def build_config(args: argparse.Namespace):
         raise ValueError(f"--prefix-mode must be approximate or precise, got {pc.prefix_mode!r}")
     if args.policy != "prefix" and args.prefix_mode != "approximate":
         raise ValueError("--prefix-mode applies to --policy prefix only")
+    if args.tenants is not None:
+        from fleetlm.tenancy.config import load_tenants_file
+
+        load_tenants_file(args.tenants, tuple(args.api_key))  # a bad file: exit code 2 naming its line
     return RouterConfig(
         workers=tuple(worker_spec(w) for w in args.worker), host=args.host, port=args.port, policy=args.policy,
         policy_config=pc, session_header=args.session_header.lower(), model=args.model, block_size=args.block_size,
@@ -69,7 +76,8 @@ def build_config(args: argparse.Namespace):
         max_retries=args.max_retries, health_interval=args.health_interval, health_timeout=args.health_timeout,
         startup_timeout=args.startup_timeout, add_timeout=args.add_timeout, breaker_failures=args.breaker_failures,
         breaker_cooldown=args.breaker_cooldown, read_timeout=args.read_timeout,
-        shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_request_body_bytes)
+        shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_request_body_bytes,
+        tenants_file=args.tenants)
 
 
 def run(args: argparse.Namespace) -> int:

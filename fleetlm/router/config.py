@@ -45,12 +45,16 @@ class RouterConfig:
     read_timeout: float = 600.0  # longest silence from a replica before its request fails
     shutdown_timeout: float = 30.0  # SIGTERM: in-flight requests get this long to finish
     max_body_bytes: int = 1 << 20
+    tenants_file: str | None = None  # --tenants: API keys -> tenants and their limits, per router (router/tenants.py)
 
     def __post_init__(self) -> None:
         check_policy(self.policy)
         if self.policy == "prefix" and self.policy_config.prefix_mode == "precise":
             if self.model is None:
                 raise ValueError("--prefix-mode precise needs --model (the replicas' tokenizer) to hash prompts")
+        if self.tenants_file is not None and self.worker_api_key is not None:
+            raise ValueError("--tenants cannot be used with --worker-api-key: the replicas must see each client's "
+                             "key to apply its tenant's cache salt, fair share and limits")
         if self.max_retries < 0:
             raise ValueError(f"--max-retries must be >= 0, got {self.max_retries}")
         for name in ("health_interval", "health_timeout", "startup_timeout", "add_timeout", "breaker_cooldown",

@@ -13,8 +13,8 @@ _EMPTY = RouteKey()
 
 
 def tenant_of(headers: Mapping[str, str], body: dict | None) -> str | None:
-    """Hook for tenant-aware routing: the tenant a request belongs to (None until tenancy
-    exists; a tenancy layer replaces this function or sets ``RouteKeyMaker.tenant_of``)."""
+    """The tenant a request belongs to: None without ``--tenants`` (with it, ``Router`` sets
+    ``RouteKeyMaker.tenant_of`` to ``tenancy.router_hook.tenant_of_headers(registry)``)."""
     return None
 
 
@@ -23,16 +23,20 @@ class RouteKeyMaker:
         self.config = config
         self.needs_body = config.policy in ("prefix", "session")
         self.precise = config.policy == "prefix" and config.policy_config.prefix_mode == "precise"
-        self.hasher = PromptHasher(config.model, config.block_size) if self.precise else None
+        counts = config.tenants_file is not None and config.model is not None  # tenants' prompt tokens
+        self.hasher = PromptHasher(config.model, config.block_size) if self.precise or counts else None
         self.tenant_of = tenant_of
+        self.registry = None  # the router's TenantRegistry with --tenants: the tenants' secret salts
 
-    def make(self, path: str, body: bytes, headers: Mapping[str, str]) -> RouteKey:
+    def make(self, path: str, body: bytes, headers: Mapping[str, str], obj: dict | None = None) -> RouteKey:
+        """``obj``: the body already parsed (with tenants the proxy parses it first)."""
         if not self.needs_body:
             return _EMPTY
-        try:
-            obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return _EMPTY  # the replica answers the 400
+        if obj is None:
+            try:
+                obj = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                return _EMPTY  # the replica answers the 400
         if not isinstance(obj, dict):
             return _EMPTY
         session = headers.get(self.config.session_header) or (obj.get("user") if isinstance(obj.get("user"), str)
@@ -41,8 +45,9 @@ class RouteKeyMaker:
         if self.config.policy == "session":
             return RouteKey(session=session, tenant=tenant)
         if self.precise:
-            return RouteKey(block_hashes=self.hasher.hashes(path, obj), block_size=self.config.block_size,
-                            session=session, tenant=tenant)
+            salt = obj.get("cache_salt") if isinstance(obj.get("cache_salt"), str) else None
+            hashes = self.hasher.hashes(path, obj, self.registry, tenant, salt)
+            return RouteKey(block_hashes=hashes, block_size=self.config.block_size, session=session, tenant=tenant)
         return RouteKey(prefix=prompt_text(path, obj), session=session, tenant=tenant)
 
 
@@ -94,13 +99,24 @@ class PromptHasher:
             return [int(t) for t in p]
         return self.tok.encode(p, add_special_tokens=True) if isinstance(p, str) else []
 
-    def hashes(self, path: str, obj: dict) -> list[bytes]:
-        """Unsalted hashes: a tenant's salted blocks (issue 15) need the tenant's salt here, which
-        a tenant-aware policy passes through ``core.block_pool.prompt_block_hashes``."""
-        from fleetlm.core.block_pool import prompt_block_hashes
+    def num_prompt_tokens(self, path: str, obj: dict) -> int:
+        """Every prompt's tokens (a completion may batch several prompts), as a replica counts
+        them in ``usage.prompt_tokens``."""
+        p = obj.get("prompt")
+        if path.endswith("/chat/completions") or not (isinstance(p, list) and p and not isinstance(p[0], int)):
+            return len(self.token_ids(path, obj))
+        return sum(len(self.token_ids(path, {"prompt": one})) for one in p)
+
+    def hashes(self, path: str, obj: dict, registry=None, tenant: str | None = None,
+               cache_salt: str | None = None) -> list[bytes]:
+        """The block hashes a replica gives this prompt: salted with the tenant's secret salt
+        and the request's ``cache_salt`` (``tenancy.router_hook.salted_block_hashes``, which
+        also hashes an opted-in shared prefix under that prefix's own salt), so a tenant's
+        blocks match for that tenant only."""
+        from fleetlm.tenancy.router_hook import salted_block_hashes
 
         try:
             ids = self.token_ids(path, obj)
-        except Exception:  # a prompt the replica will refuse: route it anywhere, it gets its 400 there
+            return salted_block_hashes(registry, tenant, ids, self.block_size, cache_salt)
+        except Exception:  # a prompt the replica will refuse (or a tenant a reload removed): route anywhere
             return []
-        return prompt_block_hashes(ids, self.block_size)

@@ -38,6 +38,34 @@ class RouterMetrics:
                                    "(aborted on their replica).", registry=r)
         self.no_replica = Counter("fleetlm_router:no_replica", "Requests refused (503): no routable replica.",
                                   registry=r)
+        # per tenant (--tenants): labelled by tenant id (from the file: bounded), never by key
+        self.tenant_requests = Counter("fleetlm_router:tenant_requests", "Requests admitted, per tenant.",
+                                       ["tenant"], registry=r)
+        self.tenant_rate_limited = Counter("fleetlm_router:tenant_rate_limited", "Requests refused with 429 by "
+                                           "the router's own buckets, per tenant and limit.", ["tenant", "limit"],
+                                           registry=r)
+        self.tenant_prompt_tokens = Counter("fleetlm_router:tenant_prompt_tokens", "Prompt tokens of answered "
+                                            "requests (the replicas' usage), per tenant.", ["tenant"], registry=r)
+        self.tenant_output_tokens = Counter("fleetlm_router:tenant_generation_tokens", "Generated tokens (the "
+                                            "replicas' usage, else counted from stream chunks), per tenant.",
+                                            ["tenant"], registry=r)
+        self.tenant_in_flight = Gauge("fleetlm_router:tenant_in_flight", "Requests in flight, per tenant.",
+                                      ["tenant"], registry=r)
+
+    def on_tenant_admitted(self, tenant: str) -> None:
+        self.tenant_requests.labels(tenant).inc()
+        self.tenant_in_flight.labels(tenant).inc()
+
+    def on_tenant_refused(self, tenant: str, limit: str) -> None:
+        self.tenant_rate_limited.labels(tenant, limit).inc()
+
+    def on_tenant_finished(self, tenant: str, prompt: int, output: int) -> None:
+        """The request ended: its tokens, and its slot is free."""
+        self.tenant_in_flight.labels(tenant).dec()
+        if prompt > 0:
+            self.tenant_prompt_tokens.labels(tenant).inc(prompt)
+        if output > 0:
+            self.tenant_output_tokens.labels(tenant).inc(output)
 
     def on_decision(self, reason: str, matched: int) -> None:
         self.decisions.labels(self.policy, reason).inc()

@@ -55,6 +55,7 @@ class Proxy:
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
                                              sock_read=config.read_timeout)
         self.in_flight = 0
+        self.tenants = None  # RouterTenants with --tenants: admission and token accounting (router/tenants.py)
 
     def _headers(self, incoming) -> dict[str, str]:
         out = {h: incoming[h] for h in FORWARD_HEADERS if h in incoming}
@@ -65,9 +66,20 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
         self.in_flight += 1
+        adm = None
         try:
             body = await request.read()
-            key = self.keys.make(request.path, body, request.headers)
+            obj = None
+            if self.tenants is not None:
+                from fleetlm.router.tenants import TENANT, Refused
+
+                obj = _json_object(body)
+                try:
+                    adm = self.tenants.admit(request.get(TENANT), request.path, obj)
+                except Refused as e:
+                    return e.response()
+                body = adm.prepare_body(obj, body)
+            key = self.keys.make(request.path, body, request.headers, obj)
             headers = self._headers(request.headers)
             excluded: set[str] = set()
             last: Retry | None = None
@@ -79,11 +91,15 @@ class Proxy:
                     self.metrics.retries.labels(last.reason).inc()
                 else:
                     self.metrics.added_latency.observe(time.perf_counter() - t0)
-                out = await self._attempt(request, d.replica, body, headers)
+                out = await self._attempt(request, d.replica, body, headers, adm)
                 if not isinstance(out, Retry):
+                    if adm is not None and out.status >= 400:
+                        adm.failed = True
                     return out
                 excluded.add(d.replica.url)
                 last = out
+            if adm is not None:
+                adm.failed = True
             if last is None:
                 self.metrics.no_replica.inc()
                 return error_response(503, "no healthy replica is available", "no_replica")
@@ -92,10 +108,12 @@ class Proxy:
             self.metrics.disconnects.inc()
             raise
         finally:
+            if adm is not None:
+                adm.finish()
             self.in_flight -= 1
 
-    async def _attempt(self, request: web.Request, rep: Replica, body: bytes,
-                       headers: dict) -> web.StreamResponse | Retry:
+    async def _attempt(self, request: web.Request, rep: Replica, body: bytes, headers: dict,
+                       adm=None) -> web.StreamResponse | Retry:
         rep.in_flight += 1
         resp: aiohttp.ClientResponse | None = None
         out: web.StreamResponse | Retry | None = None
@@ -112,13 +130,15 @@ class Proxy:
                 self.metrics.requests.labels(rep.url, f"status_{resp.status}").inc()
                 return Retry(f"status_{resp.status}", f"{rep.url} answered {resp.status}: {detail}", resp.status)
             if resp.content_type == "text/event-stream":
-                out = await self._stream(request, rep, resp)
+                out = await self._stream(request, rep, resp, adm)
                 return out
             try:
                 data = await resp.read()
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 return self._failed(rep, "read_error", f"{rep.url}: {type(e).__name__}: {e}", 502)
             self._succeeded(rep, resp.status)
+            if adm is not None:
+                adm.on_body(data)
             out = web.Response(status=resp.status, body=data, content_type=resp.content_type)
             return out
         finally:
@@ -139,8 +159,8 @@ class Proxy:
             rep.breaker.record_success()
         self.metrics.requests.labels(rep.url, "ok" if status < 400 else f"status_{status}").inc()
 
-    async def _stream(self, request: web.Request, rep: Replica,
-                      resp: aiohttp.ClientResponse) -> web.StreamResponse | Retry:
+    async def _stream(self, request: web.Request, rep: Replica, resp: aiohttp.ClientResponse,
+                      adm=None) -> web.StreamResponse | Retry:
         try:
             first = await resp.content.readany()
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
@@ -150,7 +170,12 @@ class Proxy:
         out = web.StreamResponse(status=resp.status, headers={"Content-Type": "text/event-stream",
                                                               "Cache-Control": "no-cache"})
         await out.prepare(request)
-        await out.write(first)
+        meter = None
+        if adm is not None:
+            from fleetlm.router.tenants import StreamMeter
+
+            meter = StreamMeter(adm)  # counts the tenant's tokens as they pass
+        await out.write(first if meter is None else meter.feed(first))
         tail = first[-len(SSE_DONE):]
         while True:
             try:
@@ -162,11 +187,13 @@ class Proxy:
             if not chunk:
                 break
             try:
-                await out.write(chunk)
+                await out.write(chunk if meter is None else meter.feed(chunk))
             except (ConnectionResetError, OSError):  # the client left (or the handler is cancelled)
                 self.metrics.disconnects.inc()
                 return out  # not read to the end: the upstream connection is dropped, the replica aborts
             tail = (tail + chunk)[-len(SSE_DONE):]
+        if meter is not None:
+            await out.write(meter.flush())
         if error is not None or tail != SSE_DONE:
             rep.breaker.record_failure()
             self.metrics.stream_errors.labels(rep.url).inc()
@@ -177,3 +204,12 @@ class Proxy:
             self._succeeded(rep, resp.status)
         await out.write_eof()
         return out
+
+
+def _json_object(body: bytes) -> dict | None:
+    """The body as a JSON object, or None (the replica answers its 400)."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -43,12 +43,17 @@ class Router:
         self.pool = ReplicaPool(config, self.metrics)
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
+        self.tenants = None  # RouterTenants with --tenants (router/tenants.py)
         self.draining = False
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=conn, auto_decompress=False)
         self.proxy = Proxy(self.config, self.pool, self.metrics, self.session)
+        if self.config.tenants_file is not None:
+            from fleetlm.router.tenants import install_tenants
+
+            self.tenants = install_tenants(self.proxy, self.config, self.metrics)
         await self.pool.start(self.session)
 
     async def close(self) -> None:
@@ -79,6 +84,10 @@ class Router:
             if not _key_ok(request, self.config.admin_keys):
                 return error_response(401, "the admin routes need 'Authorization: Bearer <admin key>'",
                                       "invalid_admin_key", "authentication_error")
+        elif self.tenants is not None and request.path not in OPEN_PATHS:
+            refused = self._tenant_auth(request)
+            if refused is not None:
+                return refused
         elif request.path not in OPEN_PATHS and self.config.api_keys and not _key_ok(request, self.config.api_keys):
             return error_response(401, "missing or invalid API key ('Authorization: Bearer <key>')",
                                   "invalid_api_key", "authentication_error")
@@ -91,6 +100,20 @@ class Router:
                 return error_response(413, f"request body exceeds {self.config.max_body_bytes} bytes",
                                       "body_too_large", "invalid_request_error")
             return error_response(e.status, e.reason or "error", "http_error", "invalid_request_error")
+
+    def _tenant_auth(self, request: web.Request) -> web.Response | None:
+        """With --tenants: every key maps to a tenant (``--api-key`` keys: tenant ``default``);
+        ``/metrics`` describes every tenant, so it needs an ``--api-key`` key when there are any."""
+        tenant = self.tenants.authenticate(request.headers)
+        if tenant is None:
+            return error_response(401, "missing or invalid API key ('Authorization: Bearer <key>')",
+                                  "invalid_api_key", "authentication_error")
+        if request.path == "/metrics" and self.config.api_keys and not _key_ok(request, self.config.api_keys):
+            return error_response(403, "/metrics needs an operator key (--api-key)", "forbidden", "permission_error")
+        from fleetlm.router.tenants import TENANT
+
+        request[TENANT] = tenant
+        return None
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         return await self.proxy.handle(request)
@@ -172,6 +195,8 @@ async def run_router(config: RouterConfig) -> int:
         await router.close()
         raise ValueError(f"worker(s) never became healthy within {config.startup_timeout:g} s: {', '.join(down)}")
     runner = await open_site(router)
+    if router.tenants is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.tenants.reload)
     freeze_heap()
     await wait_for_signal()
     await router.drain()
