@@ -10,6 +10,7 @@ from fleetlm.config import EngineArgs
 from fleetlm.core.scheduler import KVCacheCapacityError
 from fleetlm.engine.llm_engine import LLMEngine, Prompt
 from fleetlm.log import configure_logging
+from fleetlm.lora.request import LoRARequest
 from fleetlm.models.hub import DEFAULT_MODEL
 from fleetlm.models.tokenizer import Tokenizer
 from fleetlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -48,8 +49,12 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of ``prompts``.
+
+        ``lora_request``: one adapter for every prompt, or one (or None) per prompt; an adapter
+        not yet loaded is loaded first (the engine needs ``enable_lora=True``).
 
         Bad input (empty prompt, too long, invalid parameter) raises ``ValueError`` before any
         work starts. A request that can never fit in the KV cache fails alone: its output has
@@ -59,7 +64,20 @@ class LLM:
             prompts = [prompts]
         params = _broadcast(sampling_params, len(prompts))
         encoded = [self.engine.tokenize_prompt(p) for p in prompts]
-        return self._run(encoded, params, use_tqdm)
+        return self._run(encoded, params, use_tqdm, self._lora_names(lora_request, len(prompts)))
+
+    def _lora_names(self, lora: LoRARequest | Sequence[LoRARequest | None] | None, n: int) -> list[str | None]:
+        """Load the adapters named (checked first) and return one adapter name (or None) per prompt."""
+        if lora is None or isinstance(lora, LoRARequest):
+            lora = [lora] * n
+        elif len(lora) != n:
+            raise ValueError(f"got {len(lora)} lora_request entries for {n} prompts; pass one or one per prompt")
+        for lr in lora:
+            if lr is not None and not isinstance(lr, LoRARequest):
+                raise ValueError(f"lora_request entries must be LoRARequest or None, got {type(lr).__name__}")
+            if lr is not None:
+                self.engine.add_lora(lr.lora_name, lr.lora_path)
+        return [None if lr is None else lr.lora_name for lr in lora]
 
     def chat(
         self,
@@ -78,22 +96,24 @@ class LLM:
             encoded.append((text, tok.encode(text, add_special_tokens=False)))
         return self._run(encoded, _broadcast(sampling_params, len(convs)), use_tqdm)
 
-    def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams], use_tqdm: bool,
+             loras: list[str | None] | None = None) -> list[RequestOutput]:
         eng = self.engine
+        loras = loras or [None] * len(encoded)
         ids = [eng.next_request_id() for _ in encoded]
         results: dict[str, RequestOutput] = {}
         accepted = []
-        for rid, (text, toks), sp in zip(ids, encoded, params):
+        for rid, (text, toks), sp, lora in zip(ids, encoded, params, loras):
             try:
                 eng.make_requests(rid, toks, sp)
             except KVCacheCapacityError as e:
                 results[rid] = _failed(rid, text, toks, sp, str(e))
                 continue
-            accepted.append((rid, text, toks, sp))
+            accepted.append((rid, text, toks, sp, lora))
         bar = _progress(len(accepted)) if use_tqdm and len(accepted) > 1 else None
         try:
-            for rid, text, toks, sp in accepted:
-                eng.add_request(rid, text, toks, sp)
+            for rid, text, toks, sp, lora in accepted:
+                eng.add_request(rid, text, toks, sp, lora_name=lora)
             while eng.has_unfinished_requests():
                 for out in eng.step():
                     results[out.request_id] = out
