@@ -6,8 +6,9 @@ request through ``RouteKey``; it returns a ``Decision`` (the replica, why, and h
 it expects to hit). Policies hold no locks: both callers run them on one event loop.
 
 Tenant-aware routing hook: ``RouteKey.tenant`` carries the tenant a request belongs to (set by
-the caller's ``tenant_of`` hook, None until tenancy exists). A tenant-aware policy registers
-under its own name with ``register_policy`` and reads it; the policies here ignore it.
+the caller's ``tenant_of`` hook: the router's with ``--tenants``, else None). Tenant isolation
+needs no policy of its own: in precise mode ``RouteKey.block_hashes`` are already salted per
+tenant. A policy that wants the tenant registers with ``register_policy`` and reads it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class RouteKey:
     session: str | None = None  # sticky key: a header or the ``user`` field
     block_hashes: Sequence[bytes] | None = None  # the prompt's stable block hashes (precise prefix)
     block_size: int = 16
-    tenant: str | None = None  # hook for tenant-aware routing (see the module docstring)
+    tenant: str | None = None  # the tenant id with --tenants (see the module docstring)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@
   ``RouteKeyMaker.tenant_of``: the tenant id of the request's API key, or None.
 - ``salted_block_hashes``: the block hashes a replica computes for this tenant's prompt, so a
   precise prefix-aware policy looks up the same keys the replicas publish in their KV events.
-- Quotas at the router: a router builds its own ``TenantRegistry`` from the same file and calls
-  ``registry.state(tenant).admit(...)``; those buckets are per router (N routers admit up to N
-  times a tenant's rate), while each replica still enforces the limits on what reaches it.
+- Quotas at the router: ``fleetlm/router/tenants.py`` builds its own ``TenantRegistry`` from the
+  same file and admits with ``registry.state(tenant).admit(...)``; those buckets are per router
+  (N routers admit up to N times a tenant's rate), while each replica still enforces the limits
+  on what reaches it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def tenant_of_headers(registry: TenantRegistry) -> Callable[[Mapping[str, str], 
     return tenant_of
 
 
-def salted_block_hashes(registry: TenantRegistry, tenant_id: str | None, prompt_ids: list[int], block_size: int,
+def salted_block_hashes(registry: TenantRegistry | None, tenant_id: str | None, prompt_ids: list[int], block_size: int,
                         cache_salt: str | None = None) -> list[bytes]:
-    """The chained block hashes a replica gives this prompt for this tenant (and request salt)."""
+    """The chained block hashes a replica gives this prompt for this tenant (and request salt);
+    without a registry (no ``--tenants``) only the request's own salt applies, as on a replica."""
     t = tenancy_for(resolve(registry, tenant_id, None, cache_salt), prompt_ids)
     return prompt_block_hashes(prompt_ids, block_size, t.cache_salt, t.shared_prefix_tokens, t.shared_salt)

@@ -278,3 +278,100 @@ def test_bad_tenants_file_at_start_is_exit_2_naming_the_line(tmp_path, capsys):
     f.write_text(TENANTS)
     assert main(["--worker", "http://127.0.0.1:9", "--tenants", str(f), "--worker-api-key", "w"]) == 2
     assert "--worker-api-key" in capsys.readouterr().err
+
+
+def test_stream_meter_counts_chat_deltas_across_split_chunks_and_strips_usage():
+    from fleetlm.router.tenants import StreamMeter
+
+    class Adm:
+        strip_usage, charged, reported = True, 0, None
+
+        def spend_output(self, n):
+            self.charged += n
+
+        def on_usage(self, u):
+            self.reported = u
+
+    adm = Adm()
+    meter = StreamMeter(adm)
+    events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}], "usage": None},
+              {"choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}], "usage": None},
+              {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}]
+    raw = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+    out = b"".join(meter.feed(raw[i:i + 7]) for i in range(0, len(raw), 7)) + meter.flush()
+    assert adm.charged == 1 and adm.reported == {"prompt_tokens": 3, "completion_tokens": 1}
+    sent = sse_events(out.decode())
+    assert sent[-1] == "[DONE]" and len(sent) == 3 and all("usage" not in e for e in sent[:-1])
+    assert sent[0]["choices"] == events[0]["choices"]
+
+
+def test_sighup_reloads_the_running_routers_tenants(tmp_path):
+    """The real ``python -m fleetlm.router`` process: SIGHUP adds a key; a bad file is logged
+    (naming its line) and the old table stays; no key is ever written to its log."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    loop = asyncio.new_event_loop()
+    rep = TestServer(FakeReplica().app(), loop=loop)
+    loop.run_until_complete(rep.start_server())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    f = tmp_path / "tenants.toml"
+    f.write_text(TENANTS)
+    log = tmp_path / "router.log"
+    proc = subprocess.Popen([sys.executable, "-m", "fleetlm.router", "--worker", str(rep.make_url("")), "--port",
+                             str(port), "--tenants", str(f), "--health-interval", "0.2"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def status(key: str) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
+                                     data=b'{"prompt": "x", "max_tokens": 2}',
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    def wait_for(key: str, want: int) -> bool:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if status(key) == want:
+                return True
+            time.sleep(0.1)
+        return False
+
+    try:
+        assert wait_for(KEYS[0], 200)
+        assert status("sk-later-key-4") == 401
+        f.write_text(TENANTS + '\n[tenants.later]\napi_keys = ["sk-later-key-4"]\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for("sk-later-key-4", 200)
+        f.write_text(TENANTS.replace("priority_range = [0, 2]", "priority_range = [0, 2]\nweight = 0"))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "tenants reload failed" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status("sk-later-key-4") == 200  # the old table stays
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    text = log.read_text()
+    assert f"{f}:4:" in text and "weight" in text, text
+    assert proc.returncode == 0 and os.path.exists(log)
+    for key in (*KEYS, "sk-later-key-4"):
+        assert key not in text
