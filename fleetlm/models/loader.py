@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fleetlm.models.tokenizer import Tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
+from fleetlm.moe.config import MoEConfig, moe_config_from_hf
 
 GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"
@@ -38,6 +39,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool = False
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+    quantization: Any = field(default=None, hash=False, compare=False)  # fleetlm.quantization.QuantConfig
+    moe: MoEConfig | None = None  # mixture of experts (fleetlm/moe/config.py), None when dense
 
 
 @dataclass
@@ -48,8 +51,18 @@ class LoadedModel:
     source: str  # "gguf" or "hf"
 
 
-def load_model_files(path: Path, dtype: torch.dtype) -> LoadedModel:
-    """Dispatch on what ``path`` is; anything else is a ``ValueError`` saying what was found."""
+def load_model_files(path: Path, dtype: torch.dtype, quantization: str | None = None) -> LoadedModel:
+    """Dispatch on what ``path`` is; anything else is a ``ValueError`` saying what was found.
+    ``quantization`` names a format the weights are quantized to at load (fleetlm/quantization)."""
+    files = _load_files(path, dtype, quantization)
+    if quantization is not None:
+        from fleetlm.quantization import get_quant_config
+
+        files.config = dataclasses.replace(files.config, quantization=get_quant_config(quantization))
+    return files
+
+
+def _load_files(path: Path, dtype: torch.dtype, quantization: str | None) -> LoadedModel:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"{path} is a directory without config.json: not a Hugging Face model directory")
@@ -86,8 +99,9 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
             rope_theta=_rope_theta(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", archs[0] == "Qwen2ForCausalLM"),
+            attention_bias=cfg.get("attention_bias", cfg.get("qkv_bias", archs[0] == "Qwen2ForCausalLM")),
             rope_scaling=_rope_scaling(cfg),
+            moe=moe_config_from_hf(cfg),
         )
     except KeyError as e:
         raise ValueError(f"config.json is missing the field {e.args[0]!r}") from None

@@ -8,6 +8,9 @@ _MODELS: dict[str, str] = {
     "LlamaForCausalLM": "fleetlm.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "fleetlm.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "fleetlm.models.llama:LlamaForCausalLM",
+    "MixtralForCausalLM": "fleetlm.models.moe:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "fleetlm.models.moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "fleetlm.models.moe:Qwen3MoeForCausalLM",
 }
 
 

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from fleetlm.moe.config import moe_config_from_hf
 from fleetlm.plan.errors import PlanError
 from fleetlm.plan.model_catalog import catalog_model, catalog_names
 from fleetlm.plan.model_spec import ModelSpec
@@ -57,7 +58,11 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom", source: str = "c
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the LM inside
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", "")}
     missing = [k for k in _REQUIRED_HF if k not in cfg]
-    experts = int(cfg.get("num_local_experts") or cfg.get("n_routed_experts") or cfg.get("num_experts") or 0)
+    try:
+        moe = moe_config_from_hf(cfg)  # the engine's own parser (fleetlm/moe/config.py)
+    except ValueError as e:
+        raise PlanError(f"model config {source!r}: {e}") from e
+    experts = moe.num_experts if moe else 0
     if "intermediate_size" not in cfg and not (experts and "moe_intermediate_size" in cfg):
         missing.append("intermediate_size")
     if missing:
@@ -69,9 +74,6 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom", source: str = "c
     layers = int(cfg["num_hidden_layers"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or h // heads)
-    moe_width = int(cfg.get("moe_intermediate_size") or (cfg.get("intermediate_size", 0) if experts else 0))
-    shared_n = int(cfg.get("n_shared_experts") or 0)
-    shared_width = int(cfg.get("shared_expert_intermediate_size") or shared_n * moe_width)
     window, sliding_layers = _sliding(cfg, model_type, layers)
     return ModelSpec(
         name=name, hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
@@ -82,10 +84,12 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom", source: str = "c
         qkv_bias=bool(cfg.get("attention_bias", model_type.startswith("qwen2"))),
         gated_mlp=model_type not in ("gpt2", "gpt_neox", "opt", "phi"),
         norms_per_layer=4 if model_type in ("gemma2", "gemma3", "gemma3_text") else 2,
-        num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-        moe_intermediate_size=moe_width, num_shared_experts=shared_n or (1 if shared_width else 0),
-        shared_expert_intermediate_size=shared_width,
-        num_dense_layers=int(cfg.get("first_k_dense_replace") or 0),
+        num_experts=experts, num_experts_per_tok=moe.top_k if moe else 0,
+        moe_intermediate_size=moe.moe_intermediate_size if moe else 0,
+        num_shared_experts=moe.num_shared_experts if moe else 0,
+        shared_expert_intermediate_size=moe.shared_expert_intermediate_size if moe else 0,
+        shared_expert_gate=bool(moe and moe.shared_expert_gate),
+        num_dense_layers=moe.num_dense_layers(layers) if moe else 0,
         sliding_window=window, num_sliding_layers=sliding_layers,
         q_lora_rank=int(cfg.get("q_lora_rank") or 0), kv_lora_rank=int(cfg.get("kv_lora_rank") or 0),
         qk_nope_head_dim=int(cfg.get("qk_nope_head_dim") or 0),

@@ -18,8 +18,9 @@ class ModelSpec:
     MoE: ``num_experts`` routed experts of width ``moe_intermediate_size``, ``num_experts_per_tok``
     of them active per token, plus always-on shared experts of total width
     ``shared_expert_intermediate_size``; the first ``num_dense_layers`` layers keep a dense MLP of
-    width ``intermediate_size``. MLA (DeepSeek): ``kv_lora_rank > 0``; the KV cache then holds one
-    latent of ``kv_lora_rank + qk_rope_head_dim`` values per token and layer, shared by all heads.
+    width ``intermediate_size`` (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step`` dense layers
+    are counted there too, as if first). MLA (DeepSeek): ``kv_lora_rank > 0``; the KV cache then
+    holds one latent of ``kv_lora_rank + qk_rope_head_dim`` values per token and layer, shared by all heads.
     Sliding windows: ``num_sliding_layers`` layers attend to the last ``sliding_window`` tokens only.
     """
 
@@ -41,6 +42,7 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     num_shared_experts: int = 0
     shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False  # Qwen2-MoE: a [1, hidden] gate on the shared expert
     num_dense_layers: int = 0
     sliding_window: int | None = None
     num_sliding_layers: int = 0
@@ -174,7 +176,7 @@ def count_params(m: ModelSpec) -> ParamCounts:
         dense_mlp=dense_layers * mlp_params(m, m.intermediate_size),
         experts=m.num_moe_layers * m.num_experts * expert,
         shared_experts=m.num_moe_layers * mlp_params(m, m.shared_expert_intermediate_size),
-        router=m.num_moe_layers * m.num_experts * h,
+        router=m.num_moe_layers * (m.num_experts + m.shared_expert_gate) * h,
         norms=n_layers * per_layer_norms + h,
         bias=bias,
         active_experts=m.num_moe_layers * m.num_experts_per_tok * expert,
@@ -191,5 +193,5 @@ def layer_params(m: ModelSpec, layer: int) -> tuple[int, int]:
         non_expert += (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
     if not m.is_moe or layer < m.num_dense_layers:
         return non_expert + mlp_params(m, m.intermediate_size), 0
-    non_expert += mlp_params(m, m.shared_expert_intermediate_size) + m.num_experts * h
+    non_expert += mlp_params(m, m.shared_expert_intermediate_size) + (m.num_experts + m.shared_expert_gate) * h
     return non_expert, m.num_experts * mlp_params(m, m.moe_intermediate_size)

@@ -1,0 +1,163 @@
+"""``FusedMoE``: the routed experts of one MoE block.
+
+``forward(x [T, H], router_logits [T, E])``: softmax top-k gating (renormalised as the model
+says), the capacity rule when one is set (``fleetlm/moe/routing.py``), then the expert compute:
+assignments sorted by expert (one ``argsort``), one gate/up matmul and one down matmul per
+expert over its batch of tokens, and a weighted ``index_add`` back into token order.
+
+Layouts over the tensor-parallel group (``tp`` ranks):
+
+- tensor parallel (default): every rank holds all experts, ``1/tp`` of each expert's
+  intermediate width; its output is a partial sum (``output_is_partial``), summed by the caller's
+  all-reduce together with the shared expert.
+- expert parallel (``MoEConfig.expert_parallel``): rank ``r`` holds experts
+  ``[r E/tp, (r+1) E/tp)`` whole. Dispatch ``all_to_all``: each rank routes its ``1/tp`` slice of
+  the (replicated) tokens to the experts' owners and back, then the slices are all-gathered
+  (``fleetlm/moe/dispatch.py``; the output is complete). Dispatch ``all_reduce``: each rank
+  computes its experts for every token and the partial sums are reduced like TP.
+
+Expert weights are created and applied by an *MoE method* (``UnquantizedMoEMethod``: stacked
+``w13_weight [E_local, 2 I, H]`` (gate rows, then up rows) and ``w2_weight [E_local, H, I]``), so
+a quantized method can replace it without touching model files.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleetlm.distributed.parallel_state import parallel_state
+from fleetlm.moe.config import MoEConfig
+from fleetlm.moe.routing import Routing, apply_capacity, topk_gate
+from fleetlm.moe.stats import ExpertStats
+
+
+class MoEMethod(ABC):
+    @abstractmethod
+    def create_weights(self, layer: FusedMoE, num_experts: int, hidden: int, intermediate: int,
+                       dtype: torch.dtype) -> None:
+        """Register the layer's expert parameters (``layer.num_local_experts`` of them)."""
+
+    @abstractmethod
+    def load(self, layer: FusedMoE, expert: int, kind: str, loaded: torch.Tensor) -> None:
+        """Copy this rank's slice of one full checkpoint tensor of local expert ``expert``;
+        ``kind`` is ``gate`` / ``up`` ([I, H]) or ``down`` ([H, I])."""
+
+    @abstractmethod
+    def apply(self, layer: FusedMoE, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """``down(silu(gate(x)) * up(x))`` of local expert ``expert`` over its rows ``x``."""
+
+
+class UnquantizedMoEMethod(MoEMethod):
+    def create_weights(self, layer: FusedMoE, num_experts: int, hidden: int, intermediate: int,
+                       dtype: torch.dtype) -> None:
+        layer.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, dtype=dtype),
+                                        requires_grad=False)
+        layer.w2_weight = nn.Parameter(torch.empty(num_experts, hidden, intermediate, dtype=dtype),
+                                       requires_grad=False)
+
+    def load(self, layer: FusedMoE, expert: int, kind: str, loaded: torch.Tensor) -> None:
+        i, h, full = layer.intermediate_per_rank, layer.hidden_size, layer.intermediate_size
+        start = layer.shard_rank * i
+        if kind in ("gate", "up"):
+            _check(loaded, (full, h), kind)
+            dst = layer.w13_weight.data[expert].narrow(0, 0 if kind == "gate" else i, i)
+            src = loaded.narrow(0, start, i)
+        elif kind == "down":
+            _check(loaded, (h, full), kind)
+            dst, src = layer.w2_weight.data[expert], loaded.narrow(1, start, i)
+        else:
+            raise ValueError(f"expert weight kind must be gate, up or down, got {kind!r}")
+        with torch.no_grad():
+            dst.copy_(src)
+
+    def apply(self, layer: FusedMoE, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x, layer.w13_weight[expert])
+        n = gate_up.shape[-1] // 2
+        return F.linear(F.silu(gate_up[..., :n]) * gate_up[..., n:], layer.w2_weight[expert])
+
+
+def _check(loaded: torch.Tensor, want: tuple[int, int], kind: str) -> None:
+    if tuple(loaded.shape) != want:
+        raise ValueError(f"expert {kind} weight has shape {tuple(loaded.shape)}, expected {want}")
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, moe: MoEConfig, hidden_size: int, dtype: torch.dtype, *,
+                 method: MoEMethod | None = None) -> None:
+        super().__init__()
+        st = parallel_state()
+        self.moe = moe
+        self.num_experts, self.top_k = moe.num_experts, moe.top_k
+        self.hidden_size, self.intermediate_size = hidden_size, moe.moe_intermediate_size
+        self.expert_parallel = moe.expert_parallel and st.tp_size > 1
+        self.group_size, self.group_rank = st.tp_size, st.tp_rank
+        if self.expert_parallel:
+            if moe.num_experts % st.tp_size:
+                raise ValueError(f"expert parallel size {st.tp_size} does not divide the model's "
+                                 f"{moe.num_experts} experts")
+            self.num_local_experts = moe.num_experts // st.tp_size
+            self.first_expert, self.shard_rank, self.intermediate_per_rank = (
+                st.tp_rank * self.num_local_experts, 0, moe.moe_intermediate_size)
+        else:
+            self.num_local_experts, self.first_expert = moe.num_experts, 0
+            self.shard_rank, self.intermediate_per_rank = st.tp_rank, moe.moe_intermediate_size // st.tp_size
+        self.method = method or UnquantizedMoEMethod()
+        self.method.create_weights(self, self.num_local_experts, hidden_size, self.intermediate_per_rank, dtype)
+        self.stats = ExpertStats(moe.num_experts)
+        self.dispatch = moe.ep_dispatch if self.expert_parallel else "local"
+
+    @property
+    def output_is_partial(self) -> bool:
+        """Whether ``forward`` returns this rank's share, to be summed over the TP group."""
+        return self.group_size > 1 and self.dispatch != "all_to_all"
+
+    def is_local(self, expert: int) -> bool:
+        return self.first_expert <= expert < self.first_expert + self.num_local_experts
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
+        """``shard_id = (global expert id, gate | up | down)``; experts of other EP ranks are skipped."""
+        expert, kind = shard_id
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range: the model has {self.num_experts} experts")
+        if self.is_local(expert):
+            self.method.load(self, expert - self.first_expert, kind, loaded)
+
+    def route(self, router_logits: torch.Tensor) -> Routing:
+        routing, probs, denom = topk_gate(router_logits, self.top_k, self.moe.norm_topk_prob)
+        if self.moe.capacity_factor is not None:
+            routing = apply_capacity(routing, probs, denom, self.moe.capacity_factor, self.moe.overflow_policy)
+        if not torch.is_grad_enabled() or not router_logits.requires_grad:
+            self.stats.record(routing)
+        return routing
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        routing = self.route(router_logits)
+        if self.dispatch == "all_to_all":
+            from fleetlm.moe.dispatch import all_to_all_experts
+
+            return all_to_all_experts(self, x, routing)
+        return self.grouped(x, routing.ids, routing.weights)
+
+    def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over each token's local experts: ``ids`` [N, k] global ids (others and -1
+        are skipped), one matmul pair per expert batch."""
+        n_local, k = self.num_local_experts, ids.shape[1]
+        local = ids - self.first_expert
+        local = torch.where((local >= 0) & (local < n_local), local, n_local).reshape(-1)
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=n_local + 1)[:n_local].tolist()
+        tokens = order // k
+        w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in enumerate(counts):
+            if n:
+                rows = tokens[start : start + n]
+                y = self.method.apply(self, expert, x[rows]) * w[start : start + n]
+                out.index_add_(0, rows, y)
+                start += n
+        return out
