@@ -34,6 +34,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    WAITING_FOR_KV = "waiting_for_kv"  # its prompt's K/V is being received from a producer (fleetlm/disagg)
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -66,6 +67,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # stable digests of full blocks, in order
     first_scheduled_time: float | None = None
     tenancy: Tenancy = NO_TENANCY
+    kv_transfer_params: dict | None = None  # disaggregated prefill/decode (fleetlm/disagg/connector.py)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -100,6 +100,30 @@ class KVCacheManager:
             self._cache_full_blocks(req, blocks, min(total, req.num_tokens))
         return new
 
+    def allocate_remote(self, req: Request, hits: list[KVCacheBlock], num_tokens: int) -> list[KVCacheBlock] | None:
+        """Blocks for the first ``num_tokens`` of a request whose K/V another engine computed
+        (``fleetlm/disagg``): ``hits`` (its cached prefix) are taken, the rest allocated but NOT
+        offered to the prefix cache: their K/V is not here yet (``cache_remote`` once it is).
+        Returns the new blocks, or None (nothing changed) if the pool cannot supply them."""
+        need = self.blocks_needed(num_tokens) - len(hits)
+        if need > self.pool.num_free_blocks - sum(1 for b in hits if b.ref_cnt == 0):
+            return None
+        self.pool.touch(hits)
+        new = self.pool.get_new_blocks(max(need, 0))
+        self.req_to_blocks[req.request_id] = list(hits) + new
+        self._num_walked[req.request_id] = len(hits)
+        return new
+
+    def cache_remote(self, req: Request, num_tokens: int) -> None:
+        """The received K/V of the first ``num_tokens`` is written: its full blocks join the
+        prefix cache (so the next turn of the conversation hits them)."""
+        if self.enable_caching:
+            scheduling, self._step_inserted = self._step_inserted, []
+            self._cache_full_blocks(req, self.req_to_blocks[req.request_id], num_tokens)
+            for b in self._step_inserted:  # written already: no step to wait for
+                b.pending_step = None
+            self._step_inserted = scheduling
+
     def _cache_full_blocks(self, req: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         bs = self.block_size
         self._update_hashes(req, num_tokens)

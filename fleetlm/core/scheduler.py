@@ -71,6 +71,7 @@ class Scheduler:
         self.num_adds_seen = 0
         self.num_tokens_seen = 0
         self.spec = None  # SpecScheduler (fleetlm/spec_decode/scheduling.py) when speculation is on
+        self.on_finish = None  # KV connector hook (fleetlm/disagg): (req) before its blocks are freed
 
     # -- admission ----------------------------------------------------------------------------
     def check_request(self, req: Request) -> None:
@@ -85,6 +86,25 @@ class Scheduler:
         self.waiting.append(req)
         self.num_adds_seen += 1
         self.num_tokens_seen += req.num_prompt_tokens
+
+    def add_waiting_for_kv(self, req: Request) -> None:
+        """Admit a request whose prompt K/V comes from another engine (``fleetlm/disagg``): it
+        is known (abortable, counted) but waits outside the queue until ``kv_arrived``."""
+        self.check_request(req)
+        if req.request_id in self.requests or req.request_id in self._in_flight:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.num_adds_seen += 1
+        self.num_tokens_seen += req.num_prompt_tokens
+
+    def kv_arrived(self, req: Request, num_computed: int, num_cached: int) -> None:
+        """Its first ``num_computed`` tokens have K/V in its blocks: it runs from there."""
+        req.num_computed_tokens = num_computed
+        req.num_cached_tokens = num_cached
+        req.status = RequestStatus.RUNNING
+        req.first_scheduled_time = req.first_scheduled_time or time.monotonic()
+        self.running.append(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -323,6 +343,8 @@ class Scheduler:
         if self.spec is not None:
             self.spec.forget(req.request_id)
             self.spec.take_scheduled(req.request_id)
+        if self.on_finish is not None:
+            self.on_finish(req, status)
         req.status = status
         if req in self.running:
             self.running.remove(req)

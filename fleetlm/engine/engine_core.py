@@ -59,6 +59,11 @@ class EngineCore:
         self._deferred: list[EngineCoreOutput] = []  # outputs of steps finished early by _drain
         self.tokenizer, self.vocab_size = files.tokenizer, files.config.vocab_size
         self._structured: StructuredOutputManager | None = None  # built on the first structured request
+        self.kv_connector = None  # disaggregated prefill/decode (fleetlm/disagg/connector.py)
+        if args.kv_transfer_config is not None:
+            from fleetlm.disagg.connector import KVConnector
+
+            self.kv_connector = KVConnector(args.kv_transfer_config, self)
         kv_bytes = self.executor.collective_rpc("kv_bytes_per_token")[0] * self.cache_config.max_tokens
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); prefix caching %s; attention %s",
@@ -77,6 +82,14 @@ class EngineCore:
         return self._structured
 
     def add_request(self, req: Request) -> None:
+        if req.kv_transfer_params is not None:
+            if self.kv_connector is None:
+                raise ValueError("kv_transfer_params: this engine has no kv_transfer_config (not a K/V producer "
+                                 "or consumer)")
+            if req.sampling_params.structured_outputs is not None:
+                raise ValueError("kv_transfer_params cannot be combined with structured outputs yet")
+            self.kv_connector.add_request(req)
+            return
         if req.sampling_params.structured_outputs is None:
             self.scheduler.add_request(req)
             return
@@ -92,7 +105,9 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         waiting_grammar = self._structured is not None and bool(self._structured.waiting)
-        return self.scheduler.has_unfinished_requests() or bool(self.in_flight or self._deferred) or waiting_grammar
+        waiting_kv = self.kv_connector is not None and self.kv_connector.has_pending()
+        return (self.scheduler.has_unfinished_requests() or bool(self.in_flight or self._deferred) or waiting_grammar
+                or waiting_kv)
 
     def _admit_compiled(self) -> None:
         """Move requests whose grammar is ready into the scheduler; fail those whose is not."""
@@ -132,6 +147,8 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler
         self._admit_compiled()
+        if self.kv_connector is not None:
+            self.kv_connector.poll()
         while len(self.in_flight) < self.executor.max_concurrent_batches and sched.has_schedulable():
             so = self._schedule()
             if so.is_empty:
@@ -155,7 +172,10 @@ class EngineCore:
             sched.kv.rollback(so.step_id)
             raise
         sched.kv.commit(so.step_id)
-        return self._update(so, result) + self._take_deferred()
+        outputs = self._update(so, result)
+        if self.kv_connector is not None:
+            self.kv_connector.fix_outputs(outputs)
+        return outputs + self._take_deferred()
 
     def _take_deferred(self) -> list[EngineCoreOutput]:
         out, self._deferred = self._deferred, []
@@ -207,6 +227,9 @@ class EngineCore:
         return s
 
     def shutdown(self) -> None:
+        if self.kv_connector is not None:
+            self.kv_connector.close()
+            self.kv_connector = None
         self.executor.shutdown()
         if self._structured is not None:
             self._structured.shutdown()

@@ -108,6 +108,32 @@ class Worker:
         finally:
             self.step_seconds += time.perf_counter() - t0
 
+    # -- KV transfer (fleetlm/disagg): the connector reads and writes whole blocks -------------
+    def kv_fingerprint(self) -> dict:
+        """What a K/V consumer must agree on with its producer (checked at the handshake)."""
+        from fleetlm.disagg.layout import weights_digest
+
+        c = self.runner.cfg
+        return {"architecture": c.architecture, "num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads,
+                "head_dim": c.head_dim, "dtype": str(self.dtype).removeprefix("torch."),
+                "block_size": self.args.block_size, "weights_digest": weights_digest(self.runner.model)}
+
+    def export_kv(self, block_ids: list[int]) -> tuple[range, range, torch.Tensor]:
+        """This rank's layers, KV heads, and K/V of ``block_ids`` (block-major, on the CPU)."""
+        from fleetlm.disagg.layout import export_blocks, kv_head_range
+
+        r, st = self.runner, self.rank
+        heads = kv_head_range(st.tp_rank, st.tp_size, r.cfg.num_kv_heads)
+        return r.layer_ids, heads, export_blocks(r.kv_cache, block_ids)
+
+    def import_kv(self, block_ids: list[int], staged: torch.Tensor) -> None:
+        """Write this rank's share of ``staged`` (all layers, all KV heads) into ``block_ids``."""
+        from fleetlm.disagg.layout import import_blocks, kv_head_range
+
+        r, st = self.runner, self.rank
+        import_blocks(r.kv_cache, block_ids, staged, r.layer_ids,
+                      kv_head_range(st.tp_rank, st.tp_size, r.cfg.num_kv_heads))
+
     def comm_stats(self, reset: bool = False) -> dict[str, float]:
         """Seconds inside ``execute_model`` and inside each kind of collective, since the last
         reset (the parallel benchmark's breakdown of a step)."""

@@ -375,3 +375,28 @@ def test_sighup_reloads_the_running_routers_tenants(tmp_path):
     assert proc.returncode == 0 and os.path.exists(log)
     for key in (*KEYS, "sk-later-key-4"):
         assert key not in text
+
+
+def test_with_a_tokenizer_prompt_tokens_are_counted_at_admission(tmp_path, clock, monkeypatch):
+    """``--model``: the router counts a prompt's tokens before forwarding it, so a prompt that
+    does not fit what is left is refused at the router (and one that can never fit is a 400)."""
+    from fleetlm.router.keys import PromptHasher
+
+    tok = PromptHasher("smollm2-135m-instruct", 16).tok
+    prompt = "the quick brown fox jumps over the lazy dog " * 6
+    n = len(tok.encode(prompt, add_special_tokens=True))
+    assert 40 < n < 100
+    monkeypatch.setattr(FakeReplica, "PROMPT", n)
+
+    async def go():
+        async with serving(tmp_path, model="smollm2-135m-instruct") as (client, router, fake, _):
+            assert (await post(client, KEYS[1], prompt=prompt, max_tokens=1))[0] == 200
+            state = router.tenants.registry.state("beta")
+            assert state.tokens.refill() == pytest.approx(100 - n - 1)
+            status, headers, err = await post(client, KEYS[1], prompt=prompt, max_tokens=1)
+            assert status == 429 and err["error"]["param"] == "tokens_per_minute" and len(fake.bodies) == 1
+            assert int(headers["Retry-After"]) == -(-(n - (100 - n - 1)) * 60 // 100)
+            status, _, err = await post(client, KEYS[1], prompt=prompt * 3)
+            assert status == 400 and "never be admitted" in err["error"]["message"]
+
+    asyncio.run(go())
