@@ -77,6 +77,10 @@ class EngineArgs:
     data_parallel_policy: str = "least_load"  # how the front end picks a core (fleetlm/router/policies.py)
     kv_events_endpoint: str | None = None  # ZMQ PUB endpoint for KV events (tcp://host:port | ipc://path)
     speculative_config: dict | None = field(default=None, hash=False)  # vLLM's spelling (fleetlm/spec_decode)
+    enable_expert_parallel: bool = False  # MoE: shard whole experts over the TP ranks (fleetlm/moe)
+    moe_capacity_factor: float | None = None  # MoE: per-expert capacity factor (None: unlimited)
+    moe_overflow_policy: str = "reroute"  # MoE: drop | reroute assignments over capacity
+    moe_ep_dispatch: str = "all_to_all"  # MoE with expert parallelism: all_to_all | all_reduce
     kv_transfer_config: dict | None = field(default=None, hash=False)  # disaggregated prefill/decode (fleetlm/disagg)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,9 @@ class EngineArgs:
                              f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")
         self._check_data_parallel()
         self._check_speculative()
+        from fleetlm.moe.config import check_runtime
+
+        check_runtime(self.moe_capacity_factor, self.moe_overflow_policy, self.moe_ep_dispatch)
         if self.kv_transfer_config is not None:
             from fleetlm.disagg.config import KVTransferConfig
 

@@ -34,13 +34,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", type=_json_object, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         "(docs/SPEC_DECODE.md)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE: shard whole experts over the tensor-parallel ranks (docs/MOE.md)")
+    g.add_argument("--moe-capacity-factor", type=float, help="MoE: per-expert capacity factor (default: none)")
+    g.add_argument("--moe-overflow-policy", default="reroute", choices=["drop", "reroute"],
+                   help="MoE: what happens to assignments over capacity")
+    g.add_argument("--moe-ep-dispatch", default="all_to_all", choices=["all_to_all", "all_reduce"],
+                   help="MoE with expert parallelism: token dispatch")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ("dtype", "device", "max_model_len", "block_size", "kv_cache_memory", "gpu_memory_utilization",
             "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads", "attention_backend",
             "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-            "pipeline_layer_partition", "speculative_config")
+            "pipeline_layer_partition", "speculative_config", "enable_expert_parallel", "moe_capacity_factor",
+            "moe_overflow_policy", "moe_ep_dispatch")
     return {k: getattr(args, k) for k in keys}
 
 
