@@ -77,6 +77,8 @@ class EngineArgs:
     data_parallel_policy: str = "least_load"  # how the front end picks a core (fleetlm/router/policies.py)
     kv_events_endpoint: str | None = None  # ZMQ PUB endpoint for KV events (tcp://host:port | ipc://path)
     speculative_config: dict | None = field(default=None, hash=False)  # vLLM's spelling (fleetlm/spec_decode)
+    quantization: str | None = None  # int8 | int4[_g32|_g64|_g128] | w8a8 (fleetlm/quantization); GGUF: kept as shipped
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | int8 | fp8_e4m3
     enable_expert_parallel: bool = False  # MoE: shard whole experts over the TP ranks (fleetlm/moe)
     moe_capacity_factor: float | None = None  # MoE: per-expert capacity factor (None: unlimited)
     moe_overflow_policy: str = "reroute"  # MoE: drop | reroute assignments over capacity
@@ -136,6 +138,7 @@ class EngineArgs:
                              f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")
         self._check_data_parallel()
         self._check_speculative()
+        self._check_quantization()
         from fleetlm.moe.config import check_runtime
 
         check_runtime(self.moe_capacity_factor, self.moe_overflow_policy, self.moe_ep_dispatch)
@@ -158,6 +161,13 @@ class EngineArgs:
         if self.world_size > 1:
             raise ValueError("speculative_config: speculative decoding runs with one rank for now "
                              "(tensor_parallel_size = pipeline_parallel_size = 1)")
+
+    def _check_quantization(self) -> None:
+        from fleetlm.quantization import check_quantization
+        from fleetlm.quantization.kv import check_kv_cache_dtype
+
+        check_quantization(self.quantization)
+        check_kv_cache_dtype(self.kv_cache_dtype, self.resolved_device)
 
     def _check_data_parallel(self) -> None:
         if self.kv_events_endpoint is not None:

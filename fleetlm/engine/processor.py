@@ -40,7 +40,7 @@ def resolve_max_model_len(args: EngineArgs, model_max: int) -> int:
 def load_engine_parts(args: EngineArgs) -> tuple[LoadedModel, torch.dtype, int]:
     """Model files (weights streamed lazily), compute dtype and max_model_len for ``args``."""
     dtype = parse_dtype(args.dtype, args.resolved_device)
-    files = load_model_files(resolve_model(args.model), dtype)
+    files = load_model_files(resolve_model(args.model), dtype, quantization=args.quantization)
     c = files.config
     check_parallel_fits(c.num_heads, c.num_kv_heads, c.num_layers, args.tensor_parallel_size,
                         args.pipeline_parallel_size)

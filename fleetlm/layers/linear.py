@@ -38,6 +38,10 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        """Called once every checkpoint tensor is in (quantized methods repack or quantize here)."""
+        return None
+
 
 class UnquantizedLinearMethod(LinearMethod):
     def create_weights(self, layer: LinearBase, in_per_rank: int, out_per_rank: int, dtype: torch.dtype) -> None:
@@ -71,6 +75,18 @@ class LinearBase(nn.Module):
 
     def _name(self, param: nn.Parameter) -> str:
         return "bias" if param is self.bias else "weight"
+
+    def process_weights_after_loading(self) -> None:
+        self.linear_method.process_weights_after_loading(self)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Give every module with a ``process_weights_after_loading`` hook (linear layers, quantized
+    LM heads) its turn once the whole checkpoint is loaded."""
+    for m in list(model.modules()):
+        hook = getattr(m, "process_weights_after_loading", None)
+        if hook is not None and m is not model:
+            hook()
 
 
 def _check_full(loaded: torch.Tensor, rows: int, cols: int | None, what: str) -> None:
@@ -209,8 +225,8 @@ class RowParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         if param is self.bias:
             return _copy(param.data, loaded, "bias")
-        _check_full(loaded, self.output_size, self.input_size, "weight")
-        cols = param.shape[1]
+        cols = param.shape[1]  # weights, or per-group scales of a quantized method: this rank's columns
+        _check_full(loaded, self.output_size, cols * self.tp_size, "weight")
         _copy(param.data, loaded.narrow(1, self.tp_rank * cols, cols), "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

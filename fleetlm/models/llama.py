@@ -28,7 +28,13 @@ from torch import nn
 from fleetlm.distributed.parallel_state import parallel_state
 from fleetlm.layers.activation import SiluAndMul
 from fleetlm.layers.attention import Attention
-from fleetlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from fleetlm.layers.linear import (
+    LinearMethod,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    process_weights_after_loading,
+)
 from fleetlm.layers.norm import RMSNorm
 from fleetlm.layers.rotary import RotaryEmbedding
 from fleetlm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -47,13 +53,21 @@ class PPMissingLayer(nn.Identity):
     """Stands where a module of another pipeline stage would be."""
 
 
+def _method(cfg: ModelConfig, prefix: str) -> LinearMethod | None:
+    """The quantization's linear method for layer ``prefix`` (None: unquantized)."""
+    return None if cfg.quantization is None else cfg.quantization.linear_method(prefix)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
         super().__init__()
+        p = f"model.layers.{layer_idx}.self_attn"
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          bias=cfg.attention_bias, dtype=dtype)
+                                          bias=cfg.attention_bias, dtype=dtype,
+                                          linear_method=_method(cfg, f"{p}.qkv_proj"))
         self.h, self.hkv, self.d = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, dtype=dtype)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, dtype=dtype,
+                                        linear_method=_method(cfg, f"{p}.o_proj"))
         self.rotary_emb = rope
         self.attn = Attention(layer_idx)
 
@@ -65,10 +79,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, dtype=dtype)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, dtype=dtype,
+                                                       linear_method=_method(cfg, f"{prefix}.gate_up_proj"))
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype,
+                                           linear_method=_method(cfg, f"{prefix}.down_proj"))
         self.act_fn = SiluAndMul(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +97,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = LlamaAttention(cfg, layer_idx, rope, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(cfg, dtype)
+        self.mlp = LlamaMLP(cfg, dtype, f"model.layers.{layer_idx}.mlp")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +155,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = PPMissingLayer()
         else:
             tie = self.model.embed_tokens if cfg.tie_word_embeddings and st.is_first_stage else None
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tie_to=tie)
+            head_cls = ParallelLMHead
+            if cfg.quantization is not None and cfg.quantization.lm_head() == "int8":
+                from fleetlm.quantization.lm_head import Int8LMHead as head_cls
+            self.lm_head = head_cls(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tie_to=tie)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -219,4 +238,5 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             more = " ..." if len(missing) > 5 else ""
             raise ValueError(f"weights missing from the checkpoint: {', '.join(missing[:5])}{more}")
+        process_weights_after_loading(self)  # quantized methods quantize or repack here
 

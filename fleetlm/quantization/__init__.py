@@ -1,0 +1,45 @@
+"""Quantization formats: a registry of ``QuantConfig`` s by name (docs/QUANTIZATION.md).
+
+``LLM(model, quantization="int8")``, ``--quantization int4``. Names:
+
+- ``int8``: weight-only int8, per output channel, symmetric (W8A16), quantized at load;
+- ``int4`` (= ``int4_g64``), ``int4_g32``, ``int4_g64``, ``int4_g128``: weight-only int4, groups of
+  32/64/128 input weights, asymmetric, quantized at load;
+- ``w8a8``: int8 weights and dynamic per-token int8 activations (int8 matrix units where the CPU
+  has them);
+- ``gguf``: set by the loader for a GGUF file, whose quantized tensors stay quantized.
+"""
+
+from __future__ import annotations
+
+from fleetlm.quantization.base import QuantConfig
+
+INT4_DEFAULT_GROUP = 64  # divides the input sizes of common small models (576, 1536) where 128 does not
+_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128")
+
+
+def quantization_names() -> tuple[str, ...]:
+    return _NAMES
+
+
+def check_quantization(name: str | None) -> None:
+    if name is not None and name not in _NAMES:
+        raise ValueError(f"quantization {name!r} is not known; accepted: {', '.join(_NAMES)} (or None)")
+
+
+def get_quant_config(name: str) -> QuantConfig:
+    """The config for a user-facing name; ValueError naming the accepted values otherwise."""
+    check_quantization(name)
+    from fleetlm.quantization.weight_only import Int4Config, Int8Config
+
+    if name == "int8":
+        return Int8Config()
+    if name == "w8a8":
+        from fleetlm.quantization.w8a8 import W8A8Config
+
+        return W8A8Config()
+    group = INT4_DEFAULT_GROUP if name == "int4" else int(name.split("_g")[1])
+    return Int4Config(group)
+
+
+__all__ = ["QuantConfig", "check_quantization", "get_quant_config", "quantization_names"]
