@@ -13,7 +13,7 @@ import torch
 
 from fleetlm.plan import kv_cache_bytes_per_token
 from fleetlm.spec_decode.chain import run_chain
-from fleetlm.spec_decode.heads import EAGLE_FORMAT, EagleHead, check_dims, read_head
+from fleetlm.spec_decode.heads import EAGLE_FORMAT, EagleHead, check_dims, check_target, read_head
 from fleetlm.spec_decode.paged import Run, paged_forward
 from fleetlm.spec_decode.proposer import ProposeBatch, Proposer
 
@@ -25,6 +25,7 @@ class EagleProposer(Proposer):
         super().__init__(config, runner, tokenizer)
         cfg, tensors = read_head(config.model, EAGLE_FORMAT)
         check_dims(cfg, runner.cfg, ("hidden_size", "vocab_size", "num_heads", "num_kv_heads", "head_dim"))
+        check_target(cfg, runner.model, config.model)
         with torch.device(runner.device):
             self.head = EagleHead(cfg, runner.cfg, runner.dtype, runner.max_positions + config.num_speculative_tokens + 2,
                                   EAGLE_LAYER)

@@ -62,6 +62,28 @@ def check_dims(cfg: dict, target: ModelConfig, keys: tuple[str, ...]) -> None:
             raise ValueError(f"speculative_config.model: head {k} is {cfg.get(k)!r}, the target's is {want[k]}")
 
 
+def target_signature(model: nn.Module) -> list[float]:
+    """A few of the target's own numbers (embedding rows, final norm) that a trained head records
+    (``target_signature`` in its config.json) so that a proposer refuses it on another model."""
+    v = model.config.vocab_size
+    emb, norm = model.model.embed_tokens.weight, model.model.norm.weight
+    vals = torch.cat([emb[r, :4] for r in (1, v // 3, 2 * v // 3)] + [norm[:4]])
+    return [round(float(x), 6) for x in vals.detach().float().cpu()]
+
+
+def check_target(cfg: dict, model: nn.Module, path: str | Path) -> None:
+    """Refuse a head trained for another target (heads without a signature are not checked).
+    The tolerance covers the target's serving dtype (bf16 rounding)."""
+    sig = cfg.get("target_signature")
+    if sig is None:
+        return
+    mine = torch.tensor(target_signature(model))
+    if len(sig) != len(mine) or not torch.allclose(torch.tensor(sig), mine, rtol=2e-2, atol=1e-3):
+        raise ValueError(f"speculative_config.model: the head at {path} was trained for target "
+                         f"{cfg.get('target')!r}, and this model is a different one (its weights differ); "
+                         f"train a head for it with `fleetlm train draft-head --target ...`")
+
+
 class EagleHead(nn.Module):
     """fc([feature_p, embed(token_{p+1})]) -> one decoder layer at position p; its output
     (layer output + residual, then the target's final norm and LM head) predicts token p+2, and

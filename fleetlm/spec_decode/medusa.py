@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from fleetlm.spec_decode.heads import MEDUSA_FORMAT, MedusaHeads, check_dims, read_head
+from fleetlm.spec_decode.heads import (
+    MEDUSA_FORMAT,
+    MedusaHeads,
+    check_dims,
+    check_target,
+    read_head,
+)
 from fleetlm.spec_decode.proposer import ProposeBatch, Proposer
 
 
@@ -14,6 +20,7 @@ class MedusaProposer(Proposer):
         super().__init__(config, runner, tokenizer)
         cfg, tensors = read_head(config.model, MEDUSA_FORMAT)
         check_dims(cfg, runner.cfg, ("hidden_size", "vocab_size"))
+        check_target(cfg, runner.model, config.model)
         if config.num_speculative_tokens > cfg["num_heads"]:
             raise ValueError(f"speculative_config.num_speculative_tokens ({config.num_speculative_tokens}) exceeds "
                              f"the Medusa heads ({cfg['num_heads']})")

@@ -1,4 +1,5 @@
-"""``fleetlm train --config FILE [--set section.key=value ...] [--plot PNG]``.
+"""``fleetlm train --config FILE [--set section.key=value ...] [--plot PNG]``, and
+``fleetlm train draft-head --method eagle|medusa --target MODEL ...`` (``draft_head_cli.py``).
 
 One process, or every rank of ``torchrun --nproc-per-node N -m fleetlm.entrypoints.cli train``
 with the same config (the parallelism section must multiply to N). Bad input (unknown keys, a
@@ -21,6 +22,9 @@ def add_train_command(sub) -> None:
     p.add_argument("--plot", metavar="PNG", help="write the loss curve here (same as logging.plot)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.set_defaults(func=run)
+    from fleetlm.train.draft_head_cli import add_draft_head_command  # fleetlm train draft-head
+
+    add_draft_head_command(p.add_subparsers(dest="train_command", metavar="{draft-head}"))
 
 
 def run(args: argparse.Namespace) -> int:
