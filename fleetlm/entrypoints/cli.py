@@ -25,6 +25,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--num-threads", type=int, help="CPU intra-op threads (default: all usable cores)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch_paged", "cpu_native"])
+    g.add_argument("--quantization", "-q", default=None,
+                   help="weights quantized at load: int8 | int4 | int4_g32 | int4_g64 | int4_g128 | w8a8 "
+                        "(docs/QUANTIZATION.md); a quantized GGUF stays as shipped without it")
+    g.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) | int8 | fp8_e4m3")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks splitting every layer")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="stages splitting the layers")
     g.add_argument("--pipeline-layer-partition", type=_int_list,
@@ -48,7 +52,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
             "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads", "attention_backend",
             "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
             "pipeline_layer_partition", "speculative_config", "enable_expert_parallel", "moe_capacity_factor",
-            "moe_overflow_policy", "moe_ep_dispatch")
+            "moe_overflow_policy", "moe_ep_dispatch", "quantization", "kv_cache_dtype")
     return {k: getattr(args, k) for k in keys}
 
 

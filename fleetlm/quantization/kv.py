@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto",)
 
 
 def check_kv_cache_dtype(name: str, device: str) -> None:
