@@ -77,6 +77,7 @@ class EngineArgs:
     data_parallel_policy: str = "least_load"  # how the front end picks a core (fleetlm/router/policies.py)
     kv_events_endpoint: str | None = None  # ZMQ PUB endpoint for KV events (tcp://host:port | ipc://path)
     speculative_config: dict | None = field(default=None, hash=False)  # vLLM's spelling (fleetlm/spec_decode)
+    kv_transfer_config: dict | None = field(default=None, hash=False)  # disaggregated prefill/decode (fleetlm/disagg)
     quantization: str | None = None  # int8 | int4[_g32|_g64|_g128] | w8a8 (fleetlm/quantization); GGUF: kept as shipped
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | int8 | fp8_e4m3
     enable_expert_parallel: bool = False  # MoE: shard whole experts over the TP ranks (fleetlm/moe)
@@ -138,6 +139,13 @@ class EngineArgs:
                              f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")
         self._check_data_parallel()
         self._check_speculative()
+        if self.kv_transfer_config is not None:
+            from fleetlm.disagg.config import KVTransferConfig
+
+            object.__setattr__(self, "kv_transfer_config", KVTransferConfig.parse(self.kv_transfer_config))
+            if self.data_parallel_size > 1:
+                raise ValueError("kv_transfer_config: disaggregated prefill/decode runs one engine core per "
+                                 "worker (data_parallel_size 1); run more workers instead")
         self._check_quantization()
         from fleetlm.moe.config import check_runtime
 

@@ -78,6 +78,12 @@ class KVClient:
         reply, _ = self._call(producer, Lookup(transfer_id), timeout_s=min(self.timeout_s, 10.0))
         return self._meta(reply, transfer_id)
 
+    def lookup_only(self, producer: str, transfer_id: str) -> TransferMeta:
+        """The staged transfer's metadata, without the fingerprint handshake (the HTTP front end
+        checks what it can; the engine core checks the rest before fetching)."""
+        reply, _ = self._call(producer, Lookup(transfer_id), timeout_s=min(self.timeout_s, 10.0))
+        return self._meta(reply, transfer_id)
+
     def join(self, producer: str, peer: str) -> dict:
         reply, _ = self._call(producer, Join(peer))
         if not reply.ok:

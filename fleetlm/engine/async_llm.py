@@ -127,7 +127,7 @@ class AsyncLLM:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                     *, stream: bool = False, arrival_time: float | None = None, record: bool = True,
-                    admit: bool = True, timeout: float | None = None, tenancy: Tenancy | None = None) -> RequestStream:
+                    admit: bool = True, timeout: float | None = None, tenancy: Tenancy | None = None, kv_transfer_params: dict | None = None) -> RequestStream:
         """Validate, admit and send one request; its outputs come from the returned stream.
 
         Raises ``ValueError`` (bad request), ``QueueFullError`` or ``EngineDeadError``, having
@@ -140,6 +140,8 @@ class AsyncLLM:
         if admit:
             self.check_queue_bounds(params.n, len(prompt_ids) * params.n)  # before fanning out n
         reqs = self.processor.make_requests(request_id, prompt_ids, params)
+        for r in reqs if kv_transfer_params is not None else ():  # disaggregated prefill/decode
+            r.kv_transfer_params = kv_transfer_params
         for r in reqs if tenancy is not None else ():
             r.tenancy = tenancy
         if admit:

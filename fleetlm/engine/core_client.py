@@ -132,7 +132,7 @@ class AsyncMPClient(EngineCoreClient):
     @staticmethod
     def encode_add(reqs: list[Request], arrival: float) -> AddRequests:
         return AddRequests([NewRequest(r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_ids,
-                                       arrival, r.tenancy) for r in reqs])
+                                       arrival, r.tenancy, kv_transfer_params=r.kv_transfer_params) for r in reqs])
 
     def encode(self, msg) -> bytes:
         return self._enc.encode(msg)

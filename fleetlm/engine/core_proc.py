@@ -42,6 +42,7 @@ class NewRequest(msgspec.Struct, array_like=True):
     eos_token_ids: tuple[int, ...]
     arrival_time: float
     tenancy: Tenancy | None = None  # tenant, priority, cache salt (issue 15)
+    kv_transfer_params: dict | None = None  # disaggregated prefill/decode (fleetlm/disagg)
 
 
 class AddRequests(msgspec.Struct, tag="add", array_like=True):
@@ -181,7 +182,7 @@ class EngineCoreLoop:
             for r in msg.requests:
                 self.core.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params,
                                               eos_token_ids=tuple(r.eos_token_ids), arrival_time=r.arrival_time,
-                                              tenancy=r.tenancy or NO_TENANCY))
+                                              tenancy=r.tenancy or NO_TENANCY, kv_transfer_params=r.kv_transfer_params))
         elif isinstance(msg, AbortRequests):
             self.core.abort_requests(msg.request_ids)
         else:

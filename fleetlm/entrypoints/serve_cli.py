@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="engine cores behind this server, each its own process and KV cache")
     d.add_argument("--data-parallel-policy", default="least_load", help="round_robin | least_load | prefix")
+    d.add_argument("--kv-transfer-config", help="disaggregated prefill/decode (docs/DISAGG.md): JSON "
+                   '{"role": "producer"|"consumer"|"both", "transport": "tcp"|"shm"|"torch_distributed", '
+                   '"address": "HOST:PORT", "producers": ["HOST:PORT", ...]}')
     d.add_argument("--kv-events-endpoint", help="publish KV block events on this ZMQ PUB endpoint "
                    "(tcp://HOST:PORT or ipc://PATH; data-parallel core i uses PORT+i)")
 
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     policy = args.scheduling_policy or ("fair" if args.tenants is not None else "fcfs")
     engine_kwargs = {**engine_kwargs, "scheduling_policy": policy, "data_parallel_size": args.data_parallel_size,
                      "data_parallel_policy": args.data_parallel_policy, "kv_events_endpoint": args.kv_events_endpoint}
+    if args.kv_transfer_config is not None:
+        engine_kwargs["kv_transfer_config"] = args.kv_transfer_config
     engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs)
     config = ServerConfig(
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=keys,

@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, Response
 
 from fleetlm import __version__
 from fleetlm.config import EngineArgs
+from fleetlm.disagg.http import completion as disagg_completion
+from fleetlm.disagg.http import frontend_for
 from fleetlm.engine.async_llm import AsyncLLM
 from fleetlm.entrypoints.openai.errors import install_error_handlers
 from fleetlm.entrypoints.openai.http_protocol import GuardedH11Protocol
@@ -95,8 +97,12 @@ def build_app(state: ServerState):
         finally:  # also if the task was cancelled before it started: nothing stays in the engine
             close_all(streams)
 
+    disagg = frontend_for(state.engine)  # --kv-transfer-config (fleetlm/disagg/http.py)
+
     @app.post("/v1/completions")
     async def create_completion(req: CompletionRequest, request: Request):
+        if req.kv_transfer_params is not None:
+            return await disagg_completion(disagg, req, lambda r: generate(completions, r, request), serving)
         return await generate(completions, req, request)
 
     @app.post("/v1/chat/completions")

@@ -160,6 +160,7 @@ class CompletionRequest(_Sampling):
     max_tokens: Int | None = 16
     logprobs: Int | None = None
     echo: StrictBool = False
+    kv_transfer_params: dict | None = None  # disaggregated prefill/decode (fleetlm/disagg/http.py)
 
     def aliases(self) -> dict[str, str]:
         return {"prompt_logprobs": "logprobs"}  # echo's prompt logprobs come from `logprobs`

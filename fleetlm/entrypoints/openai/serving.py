@@ -121,15 +121,17 @@ class OpenAIServing:
 
     # -- running ----------------------------------------------------------------------------------
     def start(self, prepared: list[Prepared], params: SamplingParams, stream: bool,
-              arrival: float, aliases: dict[str, str] | None = None) -> list[RequestStream]:
+              arrival: float, aliases: dict[str, str] | None = None,
+              kv_transfer_params: dict | None = None) -> list[RequestStream]:
         """Admit every engine request of one HTTP request, or none (errors map to HTTP)."""
         streams: list[RequestStream] = []
         ctx, by_id = CURRENT.get(), {p.request_id: p for p in prepared}
 
         def add(rid: str, tenancy) -> RequestStream:
             p = by_id[rid]
+            kv = {} if kv_transfer_params is None else {"kv_transfer_params": kv_transfer_params}  # fleetlm/disagg
             return self.engine.add_request(rid, p.prompt, p.prompt_ids, params, stream=stream, arrival_time=arrival,
-                                           tenancy=tenancy)
+                                           tenancy=tenancy, **kv)
 
         try:
             self.engine.check_queue_bounds(params.n * len(prepared), params.n * sum(len(p.prompt_ids) for p in prepared))

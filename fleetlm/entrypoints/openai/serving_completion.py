@@ -31,7 +31,7 @@ class CompletionHandler:
         params = self.s.sampling_params(req)
         rid = new_id("cmpl")
         prepared = [Prepared(f"{rid}-{i}", text, ids) for i, (text, ids) in enumerate(self.s.completion_prompts(req))]
-        streams = self.s.start(prepared, params, req.stream, arrival, req.aliases())
+        streams = self.s.start(prepared, params, req.stream, arrival, req.aliases(), req.kv_transfer_params)
         return rid, prepared, streams
 
     async def full(self, req: CompletionRequest, rid: str, prepared: list[Prepared], streams) -> dict:
