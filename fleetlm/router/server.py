@@ -195,8 +195,6 @@ async def run_router(config: RouterConfig) -> int:
         await router.close()
         raise ValueError(f"worker(s) never became healthy within {config.startup_timeout:g} s: {', '.join(down)}")
     runner = await open_site(router)
-    if router.tenants is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.tenants.reload)
     freeze_heap()
     await wait_for_signal()
     await router.drain()
@@ -213,6 +211,8 @@ async def open_site(router: Router) -> web.AppRunner:
     await web.TCPSite(runner, config.host, config.port, backlog=4096).start()
     logger.info("router (%s) on http://%s:%d over %d worker(s)", config.policy, config.host, config.port,
                 len(router.pool.replicas))
+    if router.tenants is not None:  # `fleetlm router` and `fleetlm cluster up` alike
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.tenants.reload)
     return runner
 
 
