@@ -84,7 +84,6 @@ class EngineArgs:
     moe_capacity_factor: float | None = None  # MoE: per-expert capacity factor (None: unlimited)
     moe_overflow_policy: str = "reroute"  # MoE: drop | reroute assignments over capacity
     moe_ep_dispatch: str = "all_to_all"  # MoE with expert parallelism: all_to_all | all_reduce
-    kv_transfer_config: dict | None = field(default=None, hash=False)  # disaggregated prefill/decode (fleetlm/disagg)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -150,13 +149,6 @@ class EngineArgs:
         from fleetlm.moe.config import check_runtime
 
         check_runtime(self.moe_capacity_factor, self.moe_overflow_policy, self.moe_ep_dispatch)
-        if self.kv_transfer_config is not None:
-            from fleetlm.disagg.config import KVTransferConfig
-
-            object.__setattr__(self, "kv_transfer_config", KVTransferConfig.parse(self.kv_transfer_config))
-            if self.data_parallel_size > 1:
-                raise ValueError("kv_transfer_config: disaggregated prefill/decode runs one engine core per "
-                                 "worker (data_parallel_size 1); run more workers instead")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
 
