@@ -77,13 +77,16 @@ class EngineArgs:
     data_parallel_policy: str = "least_load"  # how the front end picks a core (fleetlm/router/policies.py)
     kv_events_endpoint: str | None = None  # ZMQ PUB endpoint for KV events (tcp://host:port | ipc://path)
     speculative_config: dict | None = field(default=None, hash=False)  # vLLM's spelling (fleetlm/spec_decode)
-    kv_transfer_config: dict | None = field(default=None, hash=False)  # disaggregated prefill/decode (fleetlm/disagg)
-    quantization: str | None = None  # int8 | int4[_g32|_g64|_g128] | w8a8 (fleetlm/quantization); GGUF: kept as shipped
-    kv_cache_dtype: str = "auto"  # auto (the model dtype) | int8 | fp8_e4m3
     enable_expert_parallel: bool = False  # MoE: shard whole experts over the TP ranks (fleetlm/moe)
     moe_capacity_factor: float | None = None  # MoE: per-expert capacity factor (None: unlimited)
     moe_overflow_policy: str = "reroute"  # MoE: drop | reroute assignments over capacity
     moe_ep_dispatch: str = "all_to_all"  # MoE with expert parallelism: all_to_all | all_reduce
+    kv_transfer_config: dict | None = field(default=None, hash=False)  # disaggregated prefill/decode (fleetlm/disagg)
+    quantization: str | None = None  # int8 | int4[_g32|_g64|_g128] | w8a8 (fleetlm/quantization); GGUF: kept as shipped
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | int8 | fp8_e4m3
+    enable_lora: bool = False  # serve LoRA adapters (fleetlm/lora); implied by lora_modules
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT directory) loaded at start
+    max_loras: int = 8  # adapters loaded at once (each is resident on every rank)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -138,6 +141,9 @@ class EngineArgs:
                              f"pipeline_parallel_size = {self.world_size}; use 'multiproc' (or 'auto')")
         self._check_data_parallel()
         self._check_speculative()
+        from fleetlm.moe.config import check_runtime
+
+        check_runtime(self.moe_capacity_factor, self.moe_overflow_policy, self.moe_ep_dispatch)
         if self.kv_transfer_config is not None:
             from fleetlm.disagg.config import KVTransferConfig
 
@@ -146,9 +152,7 @@ class EngineArgs:
                 raise ValueError("kv_transfer_config: disaggregated prefill/decode runs one engine core per "
                                  "worker (data_parallel_size 1); run more workers instead")
         self._check_quantization()
-        from fleetlm.moe.config import check_runtime
-
-        check_runtime(self.moe_capacity_factor, self.moe_overflow_policy, self.moe_ep_dispatch)
+        self._check_lora()
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
 
@@ -161,6 +165,27 @@ class EngineArgs:
         if self.world_size > 1:
             raise ValueError("speculative_config: speculative decoding runs with one rank for now "
                              "(tensor_parallel_size = pipeline_parallel_size = 1)")
+
+    def _check_lora(self) -> None:
+        if self.lora_modules:
+            from fleetlm.lora.request import check_lora_name
+
+            items = self.lora_modules.items() if isinstance(self.lora_modules, dict) else self.lora_modules
+            mods = tuple((check_lora_name(n), str(p)) for n, p in items)
+            if len({n for n, _ in mods}) != len(mods):
+                raise ValueError("lora_modules names an adapter twice")
+            object.__setattr__(self, "lora_modules", mods)
+            object.__setattr__(self, "enable_lora", True)
+        if not isinstance(self.max_loras, int) or isinstance(self.max_loras, bool) or self.max_loras < 1:
+            raise ValueError(f"max_loras must be a positive integer, got {self.max_loras!r}")
+        if len(self.lora_modules) > self.max_loras:
+            raise ValueError(f"lora_modules lists {len(self.lora_modules)} adapters, more than max_loras "
+                             f"({self.max_loras})")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters are served at tensor_parallel_size 1 for now")
+        if self.enable_lora and self.speculative_config is not None:
+            raise ValueError("LoRA adapters with speculative decoding are not supported yet: drafts would "
+                             "come from the base model's weights")
 
     def _check_quantization(self) -> None:
         from fleetlm.quantization import check_quantization

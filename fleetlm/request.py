@@ -67,6 +67,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # stable digests of full blocks, in order
     first_scheduled_time: float | None = None
     tenancy: Tenancy = NO_TENANCY
+    lora_name: str | None = None  # the LoRA adapter it runs with (fleetlm/lora); part of every block hash
     kv_transfer_params: dict | None = None  # disaggregated prefill/decode (fleetlm/disagg/connector.py)
 
     @property

@@ -39,7 +39,8 @@ NONE_HASH = bytes(32)  # the parent of a sequence's first block
 
 
 def block_extra_keys(index: int, block_size: int, cache_salt: str | None = None,
-                     shared_prefix_tokens: int = 0, shared_salt: str | None = None) -> tuple:
+                     shared_prefix_tokens: int = 0, shared_salt: str | None = None,
+                     lora_name: str | None = None) -> tuple:
     """Extra hash keys of block ``index`` of a sequence (tenant isolation, issue 15).
 
     The salt enters the chain once, at the first block it covers, and every later hash inherits
@@ -47,22 +48,25 @@ def block_extra_keys(index: int, block_size: int, cache_salt: str | None = None,
     shared named prefix (its full blocks are public to every tenant that opted in); the first
     block after that prefix (block 0 without one) carries the private ``cache_salt``. Routers,
     KV events and KV transfer compute the same keys, so a salted hash means the same everywhere.
+    A LoRA adapter changes every block's K/V, so its name enters block 0 (the whole chain).
     """
     shared_blocks = shared_prefix_tokens // block_size if shared_salt else 0
+    keys: tuple = ("lora", lora_name) if index == 0 and lora_name else ()
     if index == 0 and shared_blocks:
-        return ("shared", shared_salt)
+        return keys + ("shared", shared_salt)
     if index == shared_blocks and cache_salt:
-        return ("salt", cache_salt)
-    return ()
+        return keys + ("salt", cache_salt)
+    return keys
 
 
 def prompt_block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None,
-                        shared_prefix_tokens: int = 0, shared_salt: str | None = None) -> list[bytes]:
+                        shared_prefix_tokens: int = 0, shared_salt: str | None = None,
+                        lora_name: str | None = None) -> list[bytes]:
     """The chained hashes of every full block of ``token_ids``, as the engine computes them
     (for routers and tests that predict the engine's prefix cache)."""
     out: list[bytes] = []
     for i in range(len(token_ids) // block_size):
-        extra = block_extra_keys(i, block_size, cache_salt, shared_prefix_tokens, shared_salt)
+        extra = block_extra_keys(i, block_size, cache_salt, shared_prefix_tokens, shared_salt, lora_name)
         out.append(hash_block(out[-1] if out else None, token_ids[i * block_size:(i + 1) * block_size], extra))
     return out
 

@@ -51,7 +51,7 @@ class KVCacheManager:
         bs, t = self.block_size, req.tenancy
         for i in range(len(req.block_hashes), num_tokens // bs):
             parent = req.block_hashes[i - 1] if i else None
-            extra = block_extra_keys(i, bs, t.cache_salt, t.shared_prefix_tokens, t.shared_salt)
+            extra = block_extra_keys(i, bs, t.cache_salt, t.shared_prefix_tokens, t.shared_salt, req.lora_name)
             req.block_hashes.append(hash_block(parent, req.token_slice(i * bs, (i + 1) * bs), extra))
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:

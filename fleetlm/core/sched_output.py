@@ -23,6 +23,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    lora_name: str | None = None  # the LoRA adapter its tokens run through (fleetlm/lora)
 
 
 @dataclass(frozen=True)

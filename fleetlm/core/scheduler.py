@@ -157,7 +157,7 @@ class Scheduler:
         """Everything a worker needs to (re)build its state for ``rid``."""
         req = self.requests[rid]
         return NewRequestData(rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                              self.kv.block_ids(rid), req.num_computed_tokens)
+                              self.kv.block_ids(rid), req.num_computed_tokens, req.lora_name)
 
     # -- one step -------------------------------------------------------------------------------
     def has_schedulable(self) -> bool:

@@ -24,6 +24,7 @@ from fleetlm.engine.core_proc import AbortRequests, AddRequests, CoreOutputs, Fa
 from fleetlm.engine.output_processor import OutputProcessor, StatsSink
 from fleetlm.engine.processor import InputProcessor, load_engine_parts
 from fleetlm.executor.base import EngineDeadError
+from fleetlm.lora.registry import LoRARegistry
 from fleetlm.metrics.stats import SchedulerStats
 from fleetlm.outputs import RequestOutput
 from fleetlm.request import Tenancy
@@ -51,6 +52,7 @@ class AsyncLLM:
         self.processor = InputProcessor(files.tokenizer, files.config, max_model_len)
         self.model_config = files.config
         self.tokenizer = files.tokenizer
+        self.loras = LoRARegistry(args.enable_lora, args.max_loras, files.config, args.lora_modules)
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
         self.request_timeout = request_timeout
@@ -127,7 +129,8 @@ class AsyncLLM:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                     *, stream: bool = False, arrival_time: float | None = None, record: bool = True,
-                    admit: bool = True, timeout: float | None = None, tenancy: Tenancy | None = None, kv_transfer_params: dict | None = None) -> RequestStream:
+                    admit: bool = True, timeout: float | None = None, tenancy: Tenancy | None = None,
+                    lora_name: str | None = None, kv_transfer_params: dict | None = None) -> RequestStream:
         """Validate, admit and send one request; its outputs come from the returned stream.
 
         Raises ``ValueError`` (bad request), ``QueueFullError`` or ``EngineDeadError``, having
@@ -139,11 +142,13 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         if admit:
             self.check_queue_bounds(params.n, len(prompt_ids) * params.n)  # before fanning out n
+        self.loras.check_request(lora_name)
         reqs = self.processor.make_requests(request_id, prompt_ids, params)
         for r in reqs if kv_transfer_params is not None else ():  # disaggregated prefill/decode
             r.kv_transfer_params = kv_transfer_params
-        for r in reqs if tenancy is not None else ():
-            r.tenancy = tenancy
+        for r in reqs:
+            r.tenancy = tenancy if tenancy is not None else r.tenancy
+            r.lora_name = lora_name
         if admit:
             self._admit(len(reqs), len(prompt_ids) * len(reqs))
         arrival = arrival_time or time.monotonic()
@@ -162,6 +167,17 @@ class AsyncLLM:
             self.stats_sink.on_request_added(len(prompt_ids) * len(reqs))
         timeout = self.request_timeout if timeout is None else timeout
         return RequestStream(self, request_id, queue, None if timeout is None else arrival + timeout, timeout)
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter on every core; checked here first (``ValueError`` -> 400)."""
+        if await asyncio.to_thread(self.loras.prepare_add, name, path):
+            self.client.add_lora(name, path)
+            self.loras.added(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """New requests may no longer name it; requests using it finish with it."""
+        self.loras.remove(name)
+        self.client.remove_lora(name)
 
     async def generate(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                        **kwargs) -> AsyncIterator[RequestOutput]:

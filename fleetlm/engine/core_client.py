@@ -27,12 +27,14 @@ from fleetlm.config import CacheConfig, EngineArgs
 from fleetlm.core.sched_output import EngineCoreOutput
 from fleetlm.engine.core_proc import (
     AbortRequests,
+    AddLoRA,
     AddRequests,
     CoreOutputs,
     Failed,
     NewRequest,
     OutputMessage,
     Ready,
+    RemoveLoRA,
     Shutdown,
     spawn_engine_core,
 )
@@ -51,6 +53,14 @@ class EngineCoreClient(ABC):
     @abstractmethod
     def abort_requests(self, request_ids: list[str]) -> None: ...
 
+    @abstractmethod
+    def add_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (checked by the caller) on every core and rank."""
+
+    @abstractmethod
+    def remove_lora(self, name: str) -> None:
+        """Unload it once the requests using it have finished."""
+
 
 class InprocClient(EngineCoreClient):
     def __init__(self, args: EngineArgs, files: LoadedModel, dtype, max_model_len: int) -> None:
@@ -68,6 +78,12 @@ class InprocClient(EngineCoreClient):
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.core.abort_requests(request_ids)
+
+    def add_lora(self, name: str, path: str) -> None:
+        self.core.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.core.remove_lora(name)
 
     def step(self) -> list[EngineCoreOutput]:
         outputs = self.core.step()
@@ -132,7 +148,7 @@ class AsyncMPClient(EngineCoreClient):
     @staticmethod
     def encode_add(reqs: list[Request], arrival: float) -> AddRequests:
         return AddRequests([NewRequest(r.request_id, r.prompt_token_ids, r.sampling_params, r.eos_token_ids,
-                                       arrival, r.tenancy, kv_transfer_params=r.kv_transfer_params) for r in reqs])
+                                       arrival, r.tenancy, r.lora_name, kv_transfer_params=r.kv_transfer_params) for r in reqs])
 
     def encode(self, msg) -> bytes:
         return self._enc.encode(msg)
@@ -145,6 +161,12 @@ class AsyncMPClient(EngineCoreClient):
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.send_encoded(self.encode(AbortRequests(request_ids)))
+
+    def add_lora(self, name: str, path: str) -> None:
+        self.send_encoded(self.encode(AddLoRA(name, path)))
+
+    def remove_lora(self, name: str) -> None:
+        self.send_encoded(self.encode(RemoveLoRA(name)))
 
     async def get_output(self, poll_ms: int = 250) -> CoreOutputs | Failed | None:
         """The core's next message; None if nothing came within ``poll_ms``."""

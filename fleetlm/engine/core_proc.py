@@ -42,6 +42,7 @@ class NewRequest(msgspec.Struct, array_like=True):
     eos_token_ids: tuple[int, ...]
     arrival_time: float
     tenancy: Tenancy | None = None  # tenant, priority, cache salt (issue 15)
+    lora_name: str | None = None  # its LoRA adapter (fleetlm/lora)
     kv_transfer_params: dict | None = None  # disaggregated prefill/decode (fleetlm/disagg)
 
 
@@ -55,6 +56,15 @@ class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
+
+
+class AddLoRA(msgspec.Struct, tag="add_lora", array_like=True):
+    name: str
+    path: str  # checked by the front end before it sends this
+
+
+class RemoveLoRA(msgspec.Struct, tag="remove_lora", array_like=True):
+    name: str  # unloaded once no request uses it
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
@@ -73,7 +83,7 @@ class CoreOutputs(msgspec.Struct, tag="outputs", array_like=True):
     stats: SchedulerStats
 
 
-InputMessage = AddRequests | AbortRequests | Shutdown
+InputMessage = AddRequests | AbortRequests | AddLoRA | RemoveLoRA | Shutdown
 OutputMessage = Ready | Failed | CoreOutputs
 
 
@@ -182,9 +192,14 @@ class EngineCoreLoop:
             for r in msg.requests:
                 self.core.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params,
                                               eos_token_ids=tuple(r.eos_token_ids), arrival_time=r.arrival_time,
-                                              tenancy=r.tenancy or NO_TENANCY, kv_transfer_params=r.kv_transfer_params))
+                                              tenancy=r.tenancy or NO_TENANCY, kv_transfer_params=r.kv_transfer_params, lora_name=r.lora_name))
         elif isinstance(msg, AbortRequests):
             self.core.abort_requests(msg.request_ids)
+        elif isinstance(msg, AddLoRA | RemoveLoRA):
+            try:
+                self.core.add_lora(msg.name, msg.path) if isinstance(msg, AddLoRA) else self.core.remove_lora(msg.name)
+            except ValueError as e:  # the front end checked it; log what still went wrong
+                logger.error("LoRA adapter %r: %s", msg.name, e)
         else:
             self.running = False
 

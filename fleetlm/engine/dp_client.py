@@ -157,6 +157,16 @@ class DPAsyncMPClient:
     def add_requests(self, reqs, arrival: float = 0.0) -> None:
         self.send_encoded(self.encode(self.encode_add(reqs, arrival)))
 
+    def add_lora(self, name: str, path: str) -> None:  # every core (send_encoded broadcasts it)
+        from fleetlm.engine.core_proc import AddLoRA
+
+        self.send_encoded(self.encode(AddLoRA(name, path)))
+
+    def remove_lora(self, name: str) -> None:
+        from fleetlm.engine.core_proc import RemoveLoRA
+
+        self.send_encoded(self.encode(RemoveLoRA(name)))
+
     def abort_requests(self, request_ids: list[str]) -> None:
         self.send_encoded(self.encode(AbortRequests(request_ids)))
 

@@ -94,6 +94,18 @@ class DPSyncClient:
         for i, ids in self.balancer.route_abort(request_ids).items():
             self.cores[i].inp.send(self._enc.encode(AbortRequests(ids)))
 
+    def add_lora(self, name: str, path: str) -> None:
+        from fleetlm.engine.core_proc import AddLoRA
+
+        for c in self.cores:
+            c.inp.send(self._enc.encode(AddLoRA(name, path)))
+
+    def remove_lora(self, name: str) -> None:
+        from fleetlm.engine.core_proc import RemoveLoRA
+
+        for c in self.cores:
+            c.inp.send(self._enc.encode(RemoveLoRA(name)))
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.balancer.owner)
 

@@ -58,6 +58,8 @@ class EngineCore:
         self.in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
         self._deferred: list[EngineCoreOutput] = []  # outputs of steps finished early by _drain
         self.tokenizer, self.vocab_size = files.tokenizer, files.config.vocab_size
+        self.loras: dict[str, str] = dict(args.lora_modules)  # name -> path, loaded by every worker at start
+        self._unloading: set[str] = set()
         self._structured: StructuredOutputManager | None = None  # built on the first structured request
         self.kv_connector = None  # disaggregated prefill/decode (fleetlm/disagg/connector.py)
         if args.kv_transfer_config is not None:
@@ -81,7 +83,37 @@ class EngineCore:
             self._structured = StructuredOutputManager(self.tokenizer, self.vocab_size)
         return self._structured
 
+    # -- LoRA adapters (fleetlm/lora) ---------------------------------------------------------------
+    def add_lora(self, name: str, path: str) -> None:
+        """Load an adapter on every rank. The same name and path again is a no-op."""
+        if not self.args.enable_lora:
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True (--enable-lora)")
+        if self.loras.get(name) == path and name not in self._unloading:
+            return
+        if name in self.loras:
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded from {self.loras[name]!r}")
+        self.executor.collective_rpc("add_lora", name, path)
+        self.loras[name] = path
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter: new requests may no longer name it; requests using it finish first."""
+        if name not in self.loras or name in self._unloading:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded")
+        self._unloading.add(name)
+        self._unload_unused()
+
+    def _unload_unused(self) -> None:
+        in_use = {r.lora_name for r in self.scheduler.requests.values()}
+        if self._structured is not None:
+            in_use |= {r.lora_name for r, _ in self._structured.waiting.values()}
+        for name in sorted(self._unloading - in_use):
+            self.executor.collective_rpc("remove_lora", name)
+            self._unloading.discard(name)
+            del self.loras[name]
+
     def add_request(self, req: Request) -> None:
+        if req.lora_name is not None and (req.lora_name not in self.loras or req.lora_name in self._unloading):
+            raise ValueError(f"request {req.request_id}: no LoRA adapter named {req.lora_name!r} is loaded")
         if req.kv_transfer_params is not None:
             if self.kv_connector is None:
                 raise ValueError("kv_transfer_params: this engine has no kv_transfer_config (not a K/V producer "
@@ -146,6 +178,8 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler
+        if self._unloading:
+            self._unload_unused()
         self._admit_compiled()
         if self.kv_connector is not None:
             self.kv_connector.poll()

@@ -12,8 +12,9 @@ from fleetlm.config import EngineArgs
 from fleetlm.engine.core_client import InprocClient
 from fleetlm.engine.output_processor import OutputProcessor
 from fleetlm.engine.processor import InputProcessor, Prompt, load_engine_parts
+from fleetlm.lora.registry import LoRARegistry
 from fleetlm.outputs import RequestOutput
-from fleetlm.request import Request
+from fleetlm.request import Request, Tenancy
 from fleetlm.sampling_params import SamplingParams
 
 logger = logging.getLogger("fleetlm")
@@ -37,6 +38,7 @@ class LLMEngine:
         self.processor.cache_config = self.client.cache_config
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self.loras = LoRARegistry(args.enable_lora, args.max_loras, self.model_config, args.lora_modules)
 
     @property
     def core(self):
@@ -50,10 +52,26 @@ class LLMEngine:
         """One core request per sample; validated (ValueError) before anything is queued."""
         return self.processor.make_requests(request_id, prompt_ids, params)
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                    lora_name: str | None = None, tenancy: Tenancy | None = None) -> None:
+        self.loras.check_request(lora_name)
         reqs = self.make_requests(request_id, prompt_ids, params)
+        for r in reqs:
+            r.lora_name = lora_name
+            if tenancy is not None:  # priority and cache salt (LLM.generate)
+                r.tenancy = tenancy
         self.output_processor.add(request_id, prompt, prompt_ids, params, [r.request_id for r in reqs], time.monotonic())
         self.client.add_requests(reqs)
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (checked here first: ``ValueError`` naming what is wrong)."""
+        if self.loras.prepare_add(name, path):
+            self.client.add_lora(name, path)
+            self.loras.added(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.loras.remove(name)
+        self.client.remove_lora(name)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request everywhere; its KV blocks go back to the pool."""

@@ -24,6 +24,7 @@ class CachedRequestState:
     eos_token_ids: tuple[int, ...]
     prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
     spec_token_ids: list[int] = field(default_factory=list)  # drafts scheduled after the known tokens
+    lora_name: str | None = None  # its LoRA adapter (fleetlm/lora)
 
     @property
     def num_tokens(self) -> int:

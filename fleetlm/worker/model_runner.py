@@ -13,6 +13,7 @@ and only TP rank 0 (the output rank) samples and returns a ``ModelRunnerOutput``
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -49,6 +50,7 @@ class ModelRunner:
         self.phase = "prepare"  # where the last step was: prepare | forward | sample
         self.states: dict[str, CachedRequestState] = {}
         self.spec = None  # speculative decoding (fleetlm/spec_decode/worker_hook.py), set by the worker
+        self.lora = None  # LoRAManager (fleetlm/lora/serving.py), set by the worker when LoRA is enabled
         fault = os.environ.get(FAULT_ENV)
         self.fault_token_id = int(fault) if fault else None
 
@@ -78,7 +80,7 @@ class ModelRunner:
         for r in so.scheduled_new_reqs:
             self.states[r.req_id] = CachedRequestState(
                 r.req_id, r.prompt_token_ids, list(r.output_token_ids), r.sampling_params,
-                list(r.block_ids), r.num_computed_tokens, self.eos_token_ids)
+                list(r.block_ids), r.num_computed_tokens, self.eos_token_ids, lora_name=r.lora_name)
         for r in so.scheduled_cached_reqs:
             st = self.states[r.req_id]
             st.block_ids.extend(r.new_block_ids)
@@ -117,7 +119,7 @@ class ModelRunner:
         meta = self.backend.build_metadata(layout, self.device)
         self.phase = "forward"  # collectives: an error here leaves the other ranks waiting
         intermediate = None if self.rank.is_first_stage else self._recv_intermediate(len(input_ids))
-        with forward_context(ForwardContext(self.backend, meta, self.kv_caches)):
+        with forward_context(ForwardContext(self.backend, meta, self.kv_caches)), self._lora_batch(states, layout):
             hidden = self.model(input_ids, positions, intermediate)
         for i, s in enumerate(states):
             s.num_computed_tokens = int(layout.seq_lens[i])
@@ -152,6 +154,14 @@ class ModelRunner:
                 result = self.sampler(logits, meta)
                 self._emit(out, samples, sampling, result)
         return out if self.rank.is_output_rank else None
+
+    def _lora_batch(self, states: list[CachedRequestState], layout: BatchLayout):
+        """The step's tokens grouped by LoRA adapter, for the adapters' forward hooks."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        from fleetlm.lora.serving import lora_batch, token_groups
+
+        return lora_batch(token_groups([s.lora_name for s in states], layout.query_lens, self.device))
 
     def _recv_intermediate(self, num_tokens: int):
         from fleetlm.models.llama import IntermediateTensors

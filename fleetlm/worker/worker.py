@@ -64,6 +64,28 @@ class Worker:
 
             self.runner.spec = SpecDecodeWorker(self.args.speculative_config, self.runner, files.tokenizer,
                                                 self.max_model_len)
+        if self.args.enable_lora:
+            self._init_lora(files)
+
+    # -- LoRA adapters (fleetlm/lora): every rank holds its layers' share of each ----------------
+    def _init_lora(self, files: LoadedModel) -> None:
+        from fleetlm.lora.serving import LoRAManager
+
+        self.runner.lora = LoRAManager(self.runner.model, self.args.max_loras)
+        for name, path in self.args.lora_modules:
+            self.add_lora(name, path)
+
+    def add_lora(self, name: str, path: str) -> int:
+        """Load the adapter at ``path`` as ``name``; returns its parameter count on this rank."""
+        from fleetlm.lora.adapter import load_lora_weights
+
+        r = self.runner
+        weights = load_lora_weights(name, path, r.cfg, self.dtype, r.layer_ids)
+        r.lora.add(weights)
+        return weights.num_params
+
+    def remove_lora(self, name: str) -> None:
+        self.runner.lora.remove(name)
 
     def ready(self) -> int:
         return self.rank.rank
