@@ -1,0 +1,414 @@
+"""``fleetlm router --pd``: disaggregated prefill and decode across two worker groups.
+
+For each ``/v1/completions`` request (one prompt, ``n = 1``):
+
+1. a prefill worker (``fleetlm serve --kv-transfer-config '{"role": "producer", ...}'``) runs the
+   prompt with ``max_tokens = 1`` and ``kv_transfer_params = {"do_remote_decode": true}``; it
+   answers with the first token and a handle to its staged K/V. A prefill that fails (connection
+   error, 429/5xx) is retried on another prefill worker.
+2. a decode worker (``role: consumer``) gets the same body with the handle and ``max_tokens - 1``;
+   it fetches the K/V and decodes. The router streams the first token (once the decode worker has
+   accepted the handle) and then the decode worker's stream, or joins both texts in one response.
+   A decode worker that is dead, refuses (5xx) or no longer finds the handle (404) leads to a
+   fresh prefill and another decode worker.
+
+A client that leaves cancels the handler (aiohttp handler cancellation): the upstream request in
+progress is closed, so the worker aborts it and frees its blocks; a prefill that already
+finished left only its staged copy, which the producer drops after ``handle_ttl_s``.
+Invariant: every accepted request ends with a response or an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+logger = logging.getLogger("fleetlm")
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    prefill: tuple[str, ...]
+    decode: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_retries: int = 2  # fresh attempts (prefill + decode) after a failed one
+    health_interval: float = 1.0
+    health_timeout: float = 2.0
+    startup_timeout: float = 120.0
+    read_timeout: float = 600.0
+    api_keys: tuple[str, ...] = ()
+    worker_api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prefill or not self.decode:
+            raise ValueError("router --pd needs at least one --prefill URL and one --decode URL")
+        for url in self.prefill + self.decode:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"worker URL {url!r} must start with http:// or https://")
+        if self.max_retries < 0:
+            raise ValueError(f"--max-retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass(eq=False)
+class PDWorker:
+    url: str
+    role: str  # prefill | decode
+    healthy: bool = False
+    in_flight: int = 0
+    served: int = 0
+    failures: int = 0
+
+
+@dataclass
+class PDStats:
+    requests: int = 0
+    prefill_retries: int = 0
+    decode_retries: int = 0
+    disconnects: int = 0
+    errors: int = 0
+    seconds_prefill: float = 0.0
+    by_status: dict = field(default_factory=dict)
+
+
+class _Failed(Exception):
+    """An attempt failed before anything reached the client: try again elsewhere."""
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+
+
+class PDRouter:
+    def __init__(self, config: PDConfig) -> None:
+        self.config = config
+        self.workers = [PDWorker(u, "prefill") for u in config.prefill] + [PDWorker(u, "decode") for u in config.decode]
+        self.stats = PDStats()
+        self._rr = itertools.count()
+        self.session: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task | None = None
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=config.read_timeout)
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession()
+        await self._check_all()
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        if self.session is not None:
+            await self.session.close()
+
+    async def wait_healthy(self, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.ready():
+            await asyncio.sleep(0.2)
+        return [] if self.ready() else [w.url for w in self.workers if not w.healthy]
+
+    def ready(self) -> bool:
+        return any(w.healthy for w in self.workers if w.role == "prefill") and \
+            any(w.healthy for w in self.workers if w.role == "decode")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            await self._check_all()
+
+    async def _check_all(self) -> None:
+        await asyncio.gather(*(self._check(w) for w in self.workers))
+
+    async def _check(self, w: PDWorker) -> None:
+        try:
+            async with self.session.get(w.url + "/health/ready", headers=self._headers(),
+                                        timeout=aiohttp.ClientTimeout(total=self.config.health_timeout)) as r:
+                w.healthy = r.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            w.healthy = False
+
+    def _headers(self) -> dict[str, str]:
+        key = self.config.worker_api_key
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    def pick(self, role: str, excluded: set[str]) -> PDWorker | None:
+        cands = [w for w in self.workers if w.role == role and w.healthy and w.url not in excluded]
+        if not cands:
+            return None
+        low = min(w.in_flight for w in cands)
+        cands = [w for w in cands if w.in_flight == low]
+        return cands[next(self._rr) % len(cands)]
+
+    # -- the app ----------------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/health/ready", self.health)
+        app.router.add_get("/workers", self.list_workers)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = self.ready()
+        return web.json_response({"status": "ok" if ok else "no healthy prefill or decode worker"},
+                                 status=200 if ok else 503)
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        return web.json_response([{"url": w.url, "role": w.role, "healthy": w.healthy, "in_flight": w.in_flight,
+                                   "served": w.served, "failures": w.failures} for w in self.workers])
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        s = self.stats
+        lines = [f"fleetlm_router_pd:{k} {getattr(s, k)}" for k in
+                 ("requests", "prefill_retries", "decode_retries", "disconnects", "errors", "seconds_prefill")]
+        return web.Response(text="\n".join(lines) + "\n")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        if self.config.api_keys and request.headers.get("authorization", "") not in \
+                {f"Bearer {k}" for k in self.config.api_keys}:
+            return _error(401, "a valid API key is required (Authorization: Bearer KEY)", "invalid_api_key")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the body is not valid JSON", "invalid_json")
+        bad = _check_body(body)
+        if bad is not None:
+            return _error(400, bad[1], "invalid_request", bad[0])
+        self.stats.requests += 1
+        try:
+            return await self._serve(request, body)
+        except asyncio.CancelledError:
+            self.stats.disconnects += 1
+            raise
+
+    async def _serve(self, request: web.Request, body: dict) -> web.StreamResponse:
+        tried_p: set[str] = set()
+        tried_d: set[str] = set()
+        last = "no healthy worker"
+        for attempt in range(1 + self.config.max_retries):
+            p = self.pick("prefill", tried_p) or self.pick("prefill", set())
+            d = self.pick("decode", tried_d) or self.pick("decode", set())
+            if p is None or d is None:
+                break
+            try:
+                pre = await self._prefill(p, body)
+            except _Failed as e:
+                tried_p.add(p.url)
+                self.stats.prefill_retries += attempt < self.config.max_retries
+                last = str(e)
+                continue
+            if isinstance(pre, web.Response):
+                return pre  # the prefill worker refused the request itself (4xx): the client's to fix
+            if pre.get("kv_transfer_params") is None or body.get("max_tokens", 16) == 1:
+                return await _only_prefill(request, body, pre)
+            try:
+                return await self._decode(request, d, body, pre)
+            except _Failed as e:
+                tried_d.add(d.url)
+                self.stats.decode_retries += attempt < self.config.max_retries
+                last = str(e)
+        self.stats.errors += 1
+        return _error(503, f"disaggregated serving failed on every worker tried; last: {last}", "pd_unavailable")
+
+    async def _post(self, w: PDWorker, body: dict) -> aiohttp.ClientResponse:
+        try:
+            return await self.session.post(w.url + "/v1/completions", json=body, headers=self._headers(),
+                                           timeout=self.timeout)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            w.failures += 1
+            w.healthy = False  # until the next health check says otherwise
+            raise _Failed(f"{w.role} worker {w.url}: {type(e).__name__}: {e}") from None
+
+    async def _prefill(self, w: PDWorker, body: dict) -> dict | web.Response:
+        t0 = time.perf_counter()
+        pbody = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        pbody.update(max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+        w.in_flight += 1
+        try:
+            resp = await self._post(w, pbody)
+            async with resp:
+                data = await resp.read()
+                if resp.status == 429 or resp.status >= 500:
+                    w.failures += 1
+                    raise _Failed(f"prefill worker {w.url} answered {resp.status}: {data[:300].decode(errors='replace')}")
+                if resp.status != 200:
+                    return web.Response(status=resp.status, body=data, content_type="application/json")
+                w.served += 1
+                return json.loads(data)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise _Failed(f"prefill worker {w.url}: {type(e).__name__}: {e}") from None
+        finally:
+            w.in_flight -= 1
+            self.stats.seconds_prefill += time.perf_counter() - t0
+
+    async def _decode(self, request: web.Request, w: PDWorker, body: dict, pre: dict) -> web.StreamResponse:
+        dbody = {**body, "max_tokens": body.get("max_tokens", 16) - 1, "kv_transfer_params": pre["kv_transfer_params"]}
+        w.in_flight += 1
+        try:
+            resp = await self._post(w, dbody)
+            async with resp:
+                if resp.status != 200:
+                    data = await resp.read()
+                    if resp.status in (404, 429) or resp.status >= 500:  # dead, overloaded, or the handle is gone
+                        w.failures += resp.status >= 500
+                        raise _Failed(f"decode worker {w.url} answered {resp.status}: "
+                                      f"{data[:300].decode(errors='replace')}")
+                    return web.Response(status=resp.status, body=data, content_type="application/json")
+                w.served += 1
+                if body.get("stream"):
+                    return await _relay_stream(request, resp, pre, w)
+                try:
+                    dec = json.loads(await resp.read())
+                except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                    raise _Failed(f"decode worker {w.url}: {type(e).__name__}: {e}") from None
+                return web.json_response(_join(pre, dec))
+        finally:
+            w.in_flight -= 1
+
+
+def _check_body(body) -> tuple[str, str] | None:
+    if not isinstance(body, dict):
+        return "body", "the body must be a JSON object"
+    if "kv_transfer_params" in body:
+        return "kv_transfer_params", "kv_transfer_params is set by the P/D router itself"
+    if body.get("n", 1) != 1:
+        return "n", "the P/D router serves n = 1"
+    p = body.get("prompt")
+    if not (isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p))):
+        return "prompt", "the P/D router serves one prompt (a string or a list of token ids)"
+    mt = body.get("max_tokens", 16)
+    if not isinstance(mt, int) or mt < 1:
+        return "max_tokens", "the P/D router needs max_tokens >= 1"
+    if body.get("echo"):
+        return "echo", "echo is not supported by the P/D router"
+    return None
+
+
+def _first_chunk(pre: dict) -> bytes:
+    c = pre["choices"][0]
+    chunk = {"id": pre["id"], "object": "text_completion", "created": pre["created"], "model": pre["model"],
+             "choices": [{"index": 0, "text": c["text"], "logprobs": c.get("logprobs"), "finish_reason": None,
+                          "stop_reason": None}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+async def _only_prefill(request: web.Request, body: dict, pre: dict) -> web.StreamResponse:
+    """Nothing to decode (EOS first, or max_tokens 1): the prefill's answer is the answer."""
+    pre = {k: v for k, v in pre.items() if k != "kv_transfer_params"}
+    if not body.get("stream"):
+        return web.json_response(pre)
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await out.prepare(request)
+    c = pre["choices"][0]
+    last = {**json.loads(_first_chunk(pre)[6:]), "choices": [{**c}]}
+    await out.write(b"data: " + json.dumps(last).encode() + b"\n\n" + SSE_DONE)
+    return out
+
+
+async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, pre: dict, w: PDWorker) -> web.StreamResponse:
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await out.prepare(request)
+    await out.write(_first_chunk(pre))
+    tail = b""
+    while True:
+        try:
+            chunk = await resp.content.readany()
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            chunk, error = b"", f"{type(e).__name__}: {e}"
+        else:
+            error = None
+        if not chunk:
+            break
+        await out.write(chunk)
+        tail = (tail + chunk)[-len(SSE_DONE):]
+    if error is not None or tail != SSE_DONE:
+        w.failures += 1
+        body = {"error": {"message": f"decode worker {w.url} failed mid-stream: {error or 'stream cut'}",
+                          "type": "server_error", "param": None, "code": "decode_worker_failed"}}
+        await out.write(b"data: " + json.dumps(body).encode() + b"\n\n" + SSE_DONE)
+    return out
+
+
+def _join(pre: dict, dec: dict) -> dict:
+    """One completion from the prefill's first token and the decode's rest."""
+    c0, c1 = pre["choices"][0], dec["choices"][0]
+    lp = None
+    if c0.get("logprobs") and c1.get("logprobs"):
+        lp = {k: c0["logprobs"][k] + c1["logprobs"][k] for k in c0["logprobs"] if k != "text_offset"}
+    n_gen = 1 + dec["usage"]["completion_tokens"]
+    n_prompt = pre["usage"]["prompt_tokens"]
+    return {**dec, "id": pre["id"], "choices": [{**c1, "text": c0["text"] + c1["text"], "logprobs": lp}],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+
+
+async def run_pd_router(config: PDConfig) -> int:
+    """Serve until SIGTERM/SIGINT; ``ValueError`` (exit 2) if no prefill or decode worker is healthy in time."""
+    import signal
+
+    router = PDRouter(config)
+    await router.start()
+    down = await router.wait_healthy(config.startup_timeout)
+    if down:
+        await router.close()
+        raise ValueError(f"router --pd: no healthy prefill and decode worker within {config.startup_timeout:g} s "
+                         f"(down: {', '.join(down)})")
+    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port).start()
+    logger.info("P/D router on http://%s:%d: %d prefill, %d decode worker(s)", config.host, config.port,
+                len(config.prefill), len(config.decode))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await router.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fleetlm.router.pd --prefill URL --decode URL [--port N]`` (also ``fleetlm router --pd``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fleetlm router --pd")
+    add_pd_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return asyncio.run(run_pd_router(config_from_args(args)))
+    except ValueError as e:
+        print(f"fleetlm router: error: {e}")
+        return 2
+
+
+def add_pd_arguments(p) -> None:
+    p.add_argument("--prefill", action="append", default=[], metavar="URL", help="--pd: a prefill worker (repeat)")
+    p.add_argument("--decode", action="append", default=[], metavar="URL", help="--pd: a decode worker (repeat)")
+    for flag, kind, default in (("--host", str, "127.0.0.1"), ("--port", int, 8080), ("--max-retries", int, 2),
+                                ("--health-interval", float, 1.0), ("--startup-timeout", float, 120.0),
+                                ("--worker-api-key", str, None)):
+        try:
+            p.add_argument(flag, type=kind, default=default)
+        except Exception:  # noqa: BLE001 - the router's own parser already has it
+            pass
+
+
+def config_from_args(args) -> PDConfig:
+    return PDConfig(prefill=tuple(args.prefill), decode=tuple(args.decode), host=args.host, port=args.port,
+                    max_retries=args.max_retries, health_interval=args.health_interval,
+                    startup_timeout=args.startup_timeout, worker_api_key=args.worker_api_key,
+                    api_keys=tuple(getattr(args, "api_key", ()) or ()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
