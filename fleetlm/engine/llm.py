@@ -93,6 +93,7 @@ class LLM:
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         if not messages:
@@ -103,7 +104,8 @@ class LLM:
         for conv in convs:
             text = tok.apply_chat_template(conv)
             encoded.append((text, tok.encode(text, add_special_tokens=False)))
-        return self._run(encoded, _broadcast(sampling_params, len(convs)), use_tqdm)
+        return self._run(encoded, _broadcast(sampling_params, len(convs)), use_tqdm,
+                         self._lora_names(lora_request, len(convs)))
 
     def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams], use_tqdm: bool,
              loras: list[str | None] | None = None,

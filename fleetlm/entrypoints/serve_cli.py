@@ -39,6 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", choices=["fcfs", "fair"],
                    help="fcfs (priority, then arrival) or fair (per-tenant weighted fair share); default: fair "
                         "with --tenants, else fcfs")
+    lo = p.add_argument_group("LoRA adapters (docs/LORA.md)")
+    lo.add_argument("--enable-lora", action="store_true",
+                    help="serve LoRA adapters: requests pick one by 'model'; POST /v1/load_lora_adapter and "
+                         "/v1/unload_lora_adapter change them at run time (implied by --lora-modules)")
+    lo.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                    help='adapters to load at start: name=path or {"name": ..., "path": ...} (PEFT directories)')
+    lo.add_argument("--max-loras", type=int, default=8, help="adapters loaded at once (default 8)")
+    lo.add_argument("--allow-runtime-lora", action="store_true",
+                    help="let API-key holders load/unload adapters by server path at run time")
     d = p.add_argument_group("data parallel and KV events (docs/ROUTER.md)")
     d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="engine cores behind this server, each its own process and KV cache")
@@ -87,6 +96,13 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
                      "data_parallel_policy": args.data_parallel_policy, "kv_events_endpoint": args.kv_events_endpoint}
     if args.kv_transfer_config is not None:
         engine_kwargs["kv_transfer_config"] = args.kv_transfer_config
+    if args.enable_lora or args.lora_modules:
+        from fleetlm.lora import parse_lora_modules
+
+        engine_kwargs.update(enable_lora=True, lora_modules=parse_lora_modules(args.lora_modules),
+                             max_loras=args.max_loras)
+    elif args.max_loras != 8 or args.allow_runtime_lora:
+        raise ValueError("--max-loras and --allow-runtime-lora need --enable-lora or --lora-modules")
     engine_args = EngineArgs.from_kwargs(args.model, **engine_kwargs)
     config = ServerConfig(
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_keys=keys,
@@ -96,6 +112,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         health_timeout=args.health_timeout, timeout_keep_alive=args.timeout_keep_alive,
         max_connections=args.max_connections, enable_docs=args.enable_docs,
         tenants_file=None if args.tenants is None else str(args.tenants),
+        allow_runtime_lora=args.allow_runtime_lora,
     )
     raise_fd_limit(config.max_connections)
     return asyncio.run(serve(engine_args, config))

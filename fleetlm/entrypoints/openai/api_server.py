@@ -23,6 +23,7 @@ from fleetlm.disagg.http import frontend_for
 from fleetlm.engine.async_llm import AsyncLLM
 from fleetlm.entrypoints.openai.errors import install_error_handlers
 from fleetlm.entrypoints.openai.http_protocol import GuardedH11Protocol
+from fleetlm.entrypoints.openai.lora_routes import install_lora_routes, model_cards, resolve_model
 from fleetlm.entrypoints.openai.middleware import GuardMiddleware
 from fleetlm.entrypoints.openai.protocol import (
     APIError,
@@ -38,6 +39,7 @@ from fleetlm.entrypoints.openai.server_state import (
     ServerState,
 )
 from fleetlm.entrypoints.openai.serving import (
+    ADAPTER,
     ClientGone,
     OpenAIServing,
     close_all,
@@ -68,24 +70,23 @@ def build_app(state: ServerState):
 
     install_error_handlers(app, state.config.max_request_body_bytes)
 
-    def check_model(model: str | None) -> None:
-        if model is not None and model != state.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
-                           param="model", code="model_not_found")
+    def check_model(model: str | None) -> str | None:
+        return resolve_model(state, model)  # the LoRA adapter it names, or None; 404 if unknown
 
     async def generate(handler, req, request: Request):
         arrival = time.monotonic()
-        check_model(req.model)
+        lora = check_model(req.model)
         if req.user:
             logger.info("request from user %r", req.user)
         ctx = request_context(state.tenants, request.scope.get(TENANT_SCOPE_KEY), req.priority, req.cache_salt)
-        token = CURRENT.set(ctx)
+        token, adapter = CURRENT.set(ctx), ADAPTER.set(lora)
         try:
             rid, prepared, streams = handler.prepare(req, arrival)
         except Exception as e:
             raise engine_error(e) from None
         finally:
             CURRENT.reset(token)
+            ADAPTER.reset(adapter)
         if req.stream:
             return SSEResponse(handler.stream(req, rid, prepared, streams), on_close=lambda: close_all(streams))
         try:
@@ -111,8 +112,9 @@ def build_app(state: ServerState):
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "fleetlm", "max_model_len": state.engine.max_model_len}]}
+        return {"object": "list", "data": model_cards(state)}
+
+    install_lora_routes(app, state)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):

@@ -41,6 +41,7 @@ class ServerConfig:
     max_connections: int | None = 1000  # open connections; a request on one more gets 503
     enable_docs: bool = False  # serve /docs, /redoc and /openapi.json
     tenants_file: str | None = None  # --tenants: API keys -> tenants, weights, limits (fleetlm/tenancy)
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (fleetlm/lora)
 
 
 @dataclass

@@ -8,6 +8,7 @@ the handler ends early (error, timeout, client gone), so its KV blocks return to
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -37,6 +38,9 @@ from fleetlm.tenancy.admission import CURRENT
 from fleetlm.tenancy.gate import QuotaExceeded, TenantGate
 
 logger = logging.getLogger("fleetlm")
+
+# the LoRA adapter the request's ``model`` names (None: the base model); set by the route
+ADAPTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("fleetlm_lora_adapter", default=None)
 
 
 @dataclass
@@ -131,7 +135,7 @@ class OpenAIServing:
             p = by_id[rid]
             kv = {} if kv_transfer_params is None else {"kv_transfer_params": kv_transfer_params}  # fleetlm/disagg
             return self.engine.add_request(rid, p.prompt, p.prompt_ids, params, stream=stream, arrival_time=arrival,
-                                           tenancy=tenancy, **kv)
+                                           tenancy=tenancy, lora_name=ADAPTER.get(), **kv)
 
         try:
             self.engine.check_queue_bounds(params.n * len(prepared), params.n * sum(len(p.prompt_ids) for p in prepared))
