@@ -127,9 +127,9 @@ class FusedMoE(nn.Module):
             self.method.load(self, expert - self.first_expert, kind, loaded)
 
     def route(self, router_logits: torch.Tensor) -> Routing:
-        routing, probs, denom = topk_gate(router_logits, self.top_k, self.moe.norm_topk_prob)
+        routing, probs = topk_gate(router_logits, self.top_k, self.moe.norm_topk_prob)
         if self.moe.capacity_factor is not None:
-            routing = apply_capacity(routing, probs, denom, self.moe.capacity_factor, self.moe.overflow_policy)
+            routing = apply_capacity(routing, probs, self.moe.capacity_factor, self.moe.overflow_policy)
         if not torch.is_grad_enabled() or not router_logits.requires_grad:
             self.stats.record(routing)
         return routing

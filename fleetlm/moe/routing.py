@@ -11,8 +11,8 @@ expert full *overflows*:
 - ``drop``: it is removed (the token keeps its other experts; its weights are not renormalised).
 - ``reroute``: overflowed assignments, in the same priority order, move to the token's next-best
   expert (router probability order) that the token does not already use and that still has room,
-  weighted by that expert's probability (divided by the same top-k sum when renormalising); one
-  that finds no such expert is dropped.
+  keeping the slot's weight (the token's mixture keeps its mass: with identical experts, as after
+  upcycling, the output is unchanged); one that finds no such expert is dropped.
 
 ``Routing.dropped`` and ``Routing.rerouted`` count assignments (not tokens).
 """
@@ -33,22 +33,20 @@ class Routing:
     rerouted: int = 0
 
 
-def topk_gate(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[Routing, torch.Tensor, torch.Tensor]:
-    """(routing, fp32 probabilities [T, E], the per-token divisor applied to the top-k weights)."""
+def topk_gate(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[Routing, torch.Tensor]:
+    """(routing, fp32 probabilities [T, E])."""
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
-    denom = weights.sum(-1, keepdim=True) if renormalize else torch.ones_like(weights[:, :1])
     if renormalize:
-        weights = weights / denom
-    return Routing(ids, weights), probs, denom
+        weights = weights / weights.sum(-1, keepdim=True)
+    return Routing(ids, weights), probs
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
     return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
 
 
-def apply_capacity(routing: Routing, probs: torch.Tensor, denom: torch.Tensor, factor: float,
-                   policy: str) -> Routing:
+def apply_capacity(routing: Routing, probs: torch.Tensor, factor: float, policy: str) -> Routing:
     """Enforce the capacity rule (module docstring) on ``routing``; returns a new ``Routing``."""
     t, k = routing.ids.shape
     e = probs.shape[1]
@@ -69,22 +67,23 @@ def apply_capacity(routing: Routing, probs: torch.Tensor, denom: torch.Tensor, f
     if policy == "drop":
         return Routing(ids, weights, dropped=int(over.numel()))
     room = (cap - torch.clamp(counts, max=cap)).tolist()
-    return _reroute(ids, weights, routing.ids, probs, denom, tok.tolist(), slot.tolist(), room)
+    weights[tok, slot] = routing.weights[tok, slot]  # a rerouted slot keeps its weight
+    return _reroute(ids, weights, routing.ids, probs, tok.tolist(), slot.tolist(), room)
 
 
 def _reroute(ids: torch.Tensor, weights: torch.Tensor, original: torch.Tensor, probs: torch.Tensor,
-             denom: torch.Tensor, toks: list[int], slots: list[int], room: list[int]) -> Routing:
+             toks: list[int], slots: list[int], room: list[int]) -> Routing:
     ranked = torch.argsort(probs[toks], dim=-1, descending=True, stable=True).tolist()
     used = {tk: set(original[tk].tolist()) for tk in toks}
     dropped = rerouted = 0
     for tk, slot, prefs in zip(toks, slots, ranked):
         choice = next((x for x in prefs if room[x] > 0 and x not in used[tk]), None)
         if choice is None:
+            weights[tk, slot] = 0.0
             dropped += 1
             continue
         room[choice] -= 1
         used[tk].add(choice)
         ids[tk, slot] = choice
-        weights[tk, slot] = probs[tk, choice] / denom[tk, 0]
         rerouted += 1
     return Routing(ids, weights, dropped=dropped, rerouted=rerouted)

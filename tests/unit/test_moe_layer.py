@@ -66,19 +66,20 @@ def test_capacity_counts_equal_hand_computed_ones():
 
     logits = _skewed_logits()
     assert expert_capacity(6, 1, 4, 1.0) == 2  # ceil(1.0 * 6 * 1 / 4)
-    routing, probs, denom = topk_gate(logits, 1, renormalize=True)
+    routing, probs = topk_gate(logits, 1, renormalize=True)
     # drop: expert 0 keeps tokens 0, 1; tokens 2, 3, 4 overflow and are dropped
-    d = apply_capacity(routing, probs, denom, 1.0, "drop")
+    d = apply_capacity(routing, probs, 1.0, "drop")
     assert (d.dropped, d.rerouted) == (3, 0)
     assert d.ids[:, 0].tolist() == [0, 0, -1, -1, -1, 3]
     # reroute: tokens 2, 3 -> expert 1 (next best, room 2); token 4 -> expert 2 (1 is full)
-    r = apply_capacity(routing, probs, denom, 1.0, "reroute")
+    r = apply_capacity(routing, probs, 1.0, "reroute")
     assert (r.dropped, r.rerouted) == (0, 3)
     assert r.ids[:, 0].tolist() == [0, 0, 1, 1, 2, 3]
-    # the rerouted weight is the new expert's probability over the token's top-k sum
-    torch.testing.assert_close(r.weights[2, 0], probs[2, 1] / probs[2, 0])
+    # a rerouted slot keeps its weight (1.0: k = 1, renormalised); a dropped one weighs 0
+    assert r.weights[:, 0].tolist() == [1.0] * 6
+    assert d.weights[:, 0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     # factor 0.5: capacity 1; 0 <- token 0; 1 <- 1; 2 <- 2; 3 <- 5 (first choices first); 3, 4 find no room
-    r = apply_capacity(routing, probs, denom, 0.5, "reroute")
+    r = apply_capacity(routing, probs, 0.5, "reroute")
     assert (r.dropped, r.rerouted) == (2, 2)
     assert r.ids[:, 0].tolist() == [0, 1, 2, -1, -1, 3]
 
@@ -91,11 +92,11 @@ def test_capacity_with_top2_gives_first_choices_priority():
     # choice overflows; expert 1 takes token 3 (first) then token 0 (second); tokens 1, 2's
     # seconds overflow. Drop: 3 dropped, and token 3's second (expert 0) overflows too: 4.
     logits = torch.tensor([[5.0, 4, 1, 0], [5.0, 4, 0, 1], [5.0, 4, 1, 0], [4.0, 5, 1, 0]])
-    routing, probs, denom = topk_gate(logits, 2, renormalize=False)
-    d = apply_capacity(routing, probs, denom, 1.0, "drop")
+    routing, probs = topk_gate(logits, 2, renormalize=False)
+    d = apply_capacity(routing, probs, 1.0, "drop")
     assert d.dropped == 4
     assert d.ids.tolist() == [[0, 1], [0, -1], [-1, -1], [1, -1]]
-    r = apply_capacity(routing, probs, denom, 1.0, "reroute")
+    r = apply_capacity(routing, probs, 1.0, "reroute")
     # in priority order: token 2 slot 0 -> expert 2; token 1 slot 1 -> 3; token 2 slot 1 -> 2 is
     # its own, 3 has room 1 -> 3; token 3 slot 1 -> 2 (room 1 left)
     assert r.ids.tolist() == [[0, 1], [0, 3], [2, 3], [1, 2]]
@@ -179,8 +180,8 @@ def _run(rank: int, port: int) -> None:
 def _capacity_reference(x, logits, w, policy):
     from fleetlm.moe.routing import apply_capacity, topk_gate
 
-    routing, probs, denom = topk_gate(logits, K, True)
-    r = apply_capacity(routing, probs, denom, 0.5, policy)
+    routing, probs = topk_gate(logits, K, True)
+    r = apply_capacity(routing, probs, 0.5, policy)
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for e, p in zip(r.ids[t].tolist(), r.weights[t].tolist()):
