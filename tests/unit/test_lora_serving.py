@@ -72,6 +72,23 @@ def test_greedy_tokens_equal_peft(llm, dirs, which):
     assert ours != _greedy(llm, [{"prompt_token_ids": ids}], None)[0]  # the adapter changes the answer
 
 
+def test_prompt_logprobs_equal_peft(llm, dirs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fleetlm import SamplingParams
+
+    ids = list(range(200, 237))
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dirs["base"], dtype=torch.float32),
+                                   dirs["all"]).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       lora_request=_req("all", dirs["all"]), use_tqdm=False)[0]
+    ours = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
+    torch.testing.assert_close(ours, ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])], rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_batch_equals_each_alone(llm, dirs):
     loras = [_req("qv", dirs["qv"]), _req("all", dirs["all"]), None]
     alone = [_greedy(llm, [p], lr)[0] for p, lr in zip(PROMPTS, loras)]
