@@ -255,7 +255,10 @@ class EngineCore:
         return merged
 
     def stats(self) -> SchedulerStats:
-        s = replace(self.scheduler.stats(), num_failed_steps=self.num_failed_steps)
+        from fleetlm.moe.stats import executor_report
+
+        s = replace(self.scheduler.stats(), num_failed_steps=self.num_failed_steps,
+                    moe=executor_report(self.executor))
         if self._structured is not None and self._structured.waiting:  # queued behind their grammar
             s = replace(s, num_waiting=s.num_waiting + len(self._structured.waiting))
         return s

@@ -183,6 +183,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return bench_serve_main(args)
 
 
+def cmd_bench_moe(args: argparse.Namespace) -> int:
+    from fleetlm.moe.bench import main as bench_moe_main
+
+    return bench_moe_main(args, engine_kwargs(args))
+
+
 def cmd_router(args: argparse.Namespace) -> int:
     from fleetlm.router.cli import run
 
@@ -238,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_serve_args(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    bm = b.add_parser("moe", help="MoE expert usage: tokens per expert per layer (heatmap), imbalance, step time")
+    from fleetlm.moe.bench import add_arguments as add_bench_moe_args
+
+    add_bench_moe_args(bm)
+    add_engine_args(bm)
+    bm.set_defaults(func=cmd_bench_moe)
 
     r = sub.add_parser("router", help="one OpenAI endpoint over many fleetlm serve replicas (docs/ROUTER.md)")
     from fleetlm.router.cli import add_arguments as add_router_args

@@ -74,6 +74,7 @@ class PrometheusMetrics:
         self.model_name = model_name
         self._last = SchedulerStats()
         self.tenants = None  # per-tenant metrics (fleetlm/tenancy/metrics.py), set with --tenants
+        self.moe = None  # per-expert metrics (fleetlm/moe/metrics.py), on the first MoE report
 
     # -- StatsSink ----------------------------------------------------------------------------
     def on_request_added(self, num_prompt_tokens: int) -> None:
@@ -115,6 +116,12 @@ class PrometheusMetrics:
         self._last = s
         if self.tenants is not None:
             self.tenants.on_scheduler_stats(s)
+        if s.moe is not None:
+            if self.moe is None:
+                from fleetlm.moe.metrics import MoEMetrics
+
+                self.moe = MoEMetrics(self.registry, self.model_name)
+            self.moe.update(s.moe)
 
     def _on_spec_stats(self, s: SchedulerStats, last: SchedulerStats) -> None:
         self.spec_drafts.inc(max(0, s.spec_num_drafts - last.spec_num_drafts))

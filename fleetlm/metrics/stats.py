@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fleetlm.moe.report import MoEReport
+
 
 @dataclass(frozen=True)
 class SchedulerStats:
@@ -29,3 +31,4 @@ class SchedulerStats:
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: tuple[int, ...] = ()  # drafts whose token j (0-based) was accepted
     tenant_preemptions: dict[str, int] | None = None  # cumulative preemptions per tenant id (issue 15)
+    moe: MoEReport | None = None  # per-expert routing counts, cumulative (fleetlm/moe/report.py)

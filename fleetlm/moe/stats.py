@@ -6,11 +6,15 @@ are the model's). Assignments, not tokens: a token routed to k experts counts k 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
+from fleetlm.moe.report import MoEReport, imbalance
 from fleetlm.moe.routing import Routing
+
+REPORT_INTERVAL_S = 1.0  # the engine core refreshes its MoE report at most this often
 
 
 class ExpertStats:
@@ -45,5 +49,29 @@ class LayerExpertStats:
     @property
     def imbalance(self) -> float:
         """max / mean of the per-expert load (1.0 = even; 0 when nothing was routed)."""
-        total = sum(self.tokens)
-        return max(self.tokens) * len(self.tokens) / total if total else 0.0
+        return imbalance(self.tokens)
+
+
+def model_report(model) -> MoEReport | None:
+    """The cumulative counts of ``model``'s MoE layers on this rank, or None for a dense model."""
+    layers = model.moe_layers() if hasattr(model, "moe_layers") else {}
+    if not layers:
+        return None
+    snaps = {i: m.stats.snapshot() for i, m in sorted(layers.items())}
+    return MoEReport(layers=tuple(snaps), tokens=tuple(s.tokens for s in snaps.values()),
+                     dropped=tuple(s.dropped for s in snaps.values()),
+                     rerouted=tuple(s.rerouted for s in snaps.values()))
+
+
+def executor_report(executor) -> MoEReport | None:
+    """Rank 0's MoE report for ``EngineCore.stats``, refreshed at most every ``REPORT_INTERVAL_S``
+    (cached on the executor; None at once for a dense model)."""
+    cache = getattr(executor, "_moe_report", None)
+    now = time.monotonic()
+    if cache is not None and (cache[1] is None or now - cache[0] < REPORT_INTERVAL_S):
+        return cache[1]
+    worker = getattr(executor, "worker", None)
+    runner = getattr(worker, "runner", None)
+    report = model_report(runner.model) if runner is not None else None
+    executor._moe_report = (now, report)
+    return report
