@@ -81,6 +81,8 @@ class EngineArgs:
     moe_capacity_factor: float | None = None  # MoE: per-expert capacity factor (None: unlimited)
     moe_overflow_policy: str = "reroute"  # MoE: drop | reroute assignments over capacity
     moe_ep_dispatch: str = "all_to_all"  # MoE with expert parallelism: all_to_all | all_reduce
+    moe_replica_slots: int = 0  # MoE with expert parallelism: spare slots per rank for hot-expert copies
+    moe_rebalance_interval: int = 0  # MoE: forwards between replica rebalances (0: never move copies)
     kv_transfer_config: dict | None = field(default=None, hash=False)  # disaggregated prefill/decode (fleetlm/disagg)
     quantization: str | None = None  # int8 | int4[_g32|_g64|_g128] | w8a8 (fleetlm/quantization); GGUF: kept as shipped
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | int8 | fp8_e4m3
@@ -143,7 +145,8 @@ class EngineArgs:
         self._check_speculative()
         from fleetlm.moe.config import check_runtime
 
-        check_runtime(self.moe_capacity_factor, self.moe_overflow_policy, self.moe_ep_dispatch)
+        check_runtime(self.moe_capacity_factor, self.moe_overflow_policy, self.moe_ep_dispatch,
+                      self.moe_replica_slots, self.moe_rebalance_interval)
         if self.kv_transfer_config is not None:
             from fleetlm.disagg.config import KVTransferConfig
 

@@ -45,13 +45,10 @@ def load_engine_parts(args: EngineArgs) -> tuple[LoadedModel, torch.dtype, int]:
     check_parallel_fits(c.num_heads, c.num_kv_heads, c.num_layers, args.tensor_parallel_size,
                         args.pipeline_parallel_size)
     args.stage_layers(c.num_layers)  # a given partition must fit the model
-    from fleetlm.moe.config import check_moe_parallel
+    from fleetlm.moe.config import runtime_config
 
-    check_moe_parallel(c.moe, args.tensor_parallel_size, args.enable_expert_parallel)
-    if c.moe is not None:  # the MoE engine arguments ride in the config every rank builds from
-        files.config = c = replace(c, moe=c.moe.with_runtime(
-            expert_parallel=args.enable_expert_parallel, capacity_factor=args.moe_capacity_factor,
-            overflow_policy=args.moe_overflow_policy, ep_dispatch=args.moe_ep_dispatch))
+    # the MoE engine arguments ride in the config every rank builds from (checked against the model)
+    files.config = c = replace(c, moe=runtime_config(c.moe, args))
     if c.intermediate_size % args.tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size {args.tensor_parallel_size} does not divide the model's "
                          f"intermediate size ({c.intermediate_size})")

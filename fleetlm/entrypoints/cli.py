@@ -45,6 +45,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="MoE: what happens to assignments over capacity")
     g.add_argument("--moe-ep-dispatch", default="all_to_all", choices=["all_to_all", "all_reduce"],
                    help="MoE with expert parallelism: token dispatch")
+    g.add_argument("--moe-replica-slots", type=int, default=0,
+                   help="MoE with expert parallelism: spare expert slots per rank for copies of hot experts")
+    g.add_argument("--moe-rebalance-interval", type=int, default=0,
+                   help="MoE: forwards between replica rebalances from the observed load (0: never)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -52,7 +56,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
             "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "num_threads", "attention_backend",
             "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
             "pipeline_layer_partition", "speculative_config", "enable_expert_parallel", "moe_capacity_factor",
-            "moe_overflow_policy", "moe_ep_dispatch", "quantization", "kv_cache_dtype")
+            "moe_overflow_policy", "moe_ep_dispatch", "moe_replica_slots", "moe_rebalance_interval",
+            "quantization", "kv_cache_dtype")
     return {k: getattr(args, k) for k in keys}
 
 

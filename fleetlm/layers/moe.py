@@ -31,6 +31,7 @@ from torch import nn
 
 from fleetlm.distributed.parallel_state import parallel_state
 from fleetlm.moe.config import MoEConfig
+from fleetlm.moe.rebalance import Replicator
 from fleetlm.moe.routing import Routing, apply_capacity, topk_gate
 from fleetlm.moe.stats import ExpertStats
 
@@ -105,10 +106,15 @@ class FusedMoE(nn.Module):
         else:
             self.num_local_experts, self.first_expert = moe.num_experts, 0
             self.shard_rank, self.intermediate_per_rank = st.tp_rank, moe.moe_intermediate_size // st.tp_size
-        self.method = method or UnquantizedMoEMethod()
-        self.method.create_weights(self, self.num_local_experts, hidden_size, self.intermediate_per_rank, dtype)
-        self.stats = ExpertStats(moe.num_experts)
         self.dispatch = moe.ep_dispatch if self.expert_parallel else "local"
+        self.replica_slots = moe.replica_slots if self.dispatch == "all_to_all" else 0
+        if moe.replica_slots and not self.replica_slots:
+            raise ValueError("moe_replica_slots needs expert parallelism over 2+ ranks with the all_to_all dispatch")
+        self.method = method or UnquantizedMoEMethod()
+        self.method.create_weights(self, self.num_local_experts + self.replica_slots, hidden_size,
+                                   self.intermediate_per_rank, dtype)
+        self.stats = ExpertStats(moe.num_experts, self.group_size if self.expert_parallel else 1)
+        self.replication = Replicator(self) if self.replica_slots else None
 
     @property
     def output_is_partial(self) -> bool:
@@ -135,6 +141,8 @@ class FusedMoE(nn.Module):
         return routing
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.replication is not None:
+            self.replication.step()
         routing = self.route(router_logits)
         if self.dispatch == "all_to_all":
             from fleetlm.moe.dispatch import all_to_all_experts
@@ -144,12 +152,18 @@ class FusedMoE(nn.Module):
 
     def grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum over each token's local experts: ``ids`` [N, k] global ids (others and -1
-        are skipped), one matmul pair per expert batch."""
-        n_local, k = self.num_local_experts, ids.shape[1]
+        are skipped)."""
         local = ids - self.first_expert
-        local = torch.where((local >= 0) & (local < n_local), local, n_local).reshape(-1)
+        local = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)
+        return self.grouped_slots(x, local, weights)
+
+    def grouped_slots(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over local expert slots: ``slots`` [N, k] (-1 skipped), one matmul pair
+        per slot's batch of rows."""
+        n_slots, k = self.num_local_experts + self.replica_slots, slots.shape[1]
+        local = torch.where(slots >= 0, slots, n_slots).reshape(-1)
         order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=n_local + 1)[:n_local].tolist()
+        counts = torch.bincount(local, minlength=n_slots + 1)[:n_slots].tolist()
         tokens = order // k
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
         out = torch.zeros_like(x)

@@ -62,7 +62,8 @@ def _fresh(core) -> MoEReport:
 def _minus(a: MoEReport, b: MoEReport) -> MoEReport:
     return MoEReport(a.layers, tuple(tuple(x - y for x, y in zip(p, q)) for p, q in zip(a.tokens, b.tokens)),
                      tuple(x - y for x, y in zip(a.dropped, b.dropped)),
-                     tuple(x - y for x, y in zip(a.rerouted, b.rerouted)), a.replicas)
+                     tuple(x - y for x, y in zip(a.rerouted, b.rerouted)), a.replicas,
+                     tuple(tuple(x - y for x, y in zip(p, q)) for p, q in zip(a.rank_tokens, b.rank_tokens)))
 
 
 def summarize(r: MoEReport, wall_s: float, steps: int, tokens: int) -> dict:
@@ -71,7 +72,9 @@ def summarize(r: MoEReport, wall_s: float, steps: int, tokens: int) -> dict:
             "tokens_per_s": tokens / wall_s, "layers": list(r.layers),
             "tokens": [list(t) for t in r.tokens], "imbalance": per_layer,
             "max_imbalance": max(per_layer), "mean_imbalance": sum(per_layer) / len(per_layer),
-            "dropped": sum(r.dropped), "rerouted": sum(r.rerouted)}
+            "dropped": sum(r.dropped), "rerouted": sum(r.rerouted), "replicas": [list(x) for x in r.replicas],
+            "rank_tokens": [list(t) for t in r.rank_tokens],
+            "rank_imbalance": [imbalance(t) for t in r.rank_tokens if len(t) > 1]}
 
 
 def _print(res: dict) -> None:
@@ -79,6 +82,10 @@ def _print(res: dict) -> None:
           f"{res['tokens_per_s']:.0f} tokens/s")
     print(f"imbalance (max/mean) mean over layers {res['mean_imbalance']:.2f}, worst {res['max_imbalance']:.2f}; "
           f"dropped {res['dropped']}, rerouted {res['rerouted']}")
+    if res["rank_imbalance"]:
+        ri = res["rank_imbalance"]
+        print(f"EP rank imbalance mean over layers {sum(ri) / len(ri):.2f}, worst {max(ri):.2f}; "
+              f"replicated experts per layer {[len(x) for x in res['replicas']]}")
 
 
 def plot_heatmap(r: MoEReport, path: str | Path, title: str = "") -> Path:

@@ -42,6 +42,8 @@ class MoEConfig:
     capacity_factor: float | None = None
     overflow_policy: str = "reroute"
     ep_dispatch: str = "all_to_all"
+    replica_slots: int = 0  # spare expert slots per EP rank for hot-expert copies
+    rebalance_interval: int = 0  # forwards between replica rebalances (0: placement never changes)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block ``layer`` routes to experts (else it keeps a dense MLP)."""
@@ -52,10 +54,12 @@ class MoEConfig:
         return sum(1 for i in range(num_layers) if not self.is_moe_layer(i))
 
     def with_runtime(self, *, expert_parallel: bool = False, capacity_factor: float | None = None,
-                     overflow_policy: str = "reroute", ep_dispatch: str = "all_to_all") -> MoEConfig:
-        check_runtime(capacity_factor, overflow_policy, ep_dispatch)
+                     overflow_policy: str = "reroute", ep_dispatch: str = "all_to_all", replica_slots: int = 0,
+                     rebalance_interval: int = 0) -> MoEConfig:
+        check_runtime(capacity_factor, overflow_policy, ep_dispatch, replica_slots, rebalance_interval)
         return dataclasses.replace(self, expert_parallel=expert_parallel, capacity_factor=capacity_factor,
-                                   overflow_policy=overflow_policy, ep_dispatch=ep_dispatch)
+                                   overflow_policy=overflow_policy, ep_dispatch=ep_dispatch,
+                                   replica_slots=replica_slots, rebalance_interval=rebalance_interval)
 
 
 def moe_config_from_hf(cfg: dict[str, Any]) -> MoEConfig | None:
@@ -83,7 +87,8 @@ def moe_config_from_hf(cfg: dict[str, Any]) -> MoEConfig | None:
     )
 
 
-def check_runtime(capacity_factor: float | None, overflow_policy: str, ep_dispatch: str = "all_to_all") -> None:
+def check_runtime(capacity_factor: float | None, overflow_policy: str, ep_dispatch: str = "all_to_all",
+                  replica_slots: int = 0, rebalance_interval: int = 0) -> None:
     """The MoE engine arguments: ``ValueError`` naming the bad one."""
     if capacity_factor is not None and (isinstance(capacity_factor, bool) or not capacity_factor > 0):
         raise ValueError(f"moe_capacity_factor must be > 0, got {capacity_factor!r}")
@@ -91,6 +96,26 @@ def check_runtime(capacity_factor: float | None, overflow_policy: str, ep_dispat
         raise ValueError(f"moe_overflow_policy must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow_policy!r}")
     if ep_dispatch not in EP_DISPATCH:
         raise ValueError(f"moe_ep_dispatch must be one of {', '.join(EP_DISPATCH)}, got {ep_dispatch!r}")
+    for name, v in (("moe_replica_slots", replica_slots), ("moe_rebalance_interval", rebalance_interval)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+
+
+def runtime_config(moe: MoEConfig | None, args) -> MoEConfig | None:
+    """The model's MoE config with the engine's MoE arguments (``EngineArgs``) folded in, after
+    checking that they fit the model and the layout; a dense model refuses every MoE argument."""
+    runtime = {"capacity_factor": args.moe_capacity_factor, "overflow_policy": args.moe_overflow_policy,
+               "ep_dispatch": args.moe_ep_dispatch, "replica_slots": args.moe_replica_slots,
+               "rebalance_interval": args.moe_rebalance_interval}
+    if moe is None:
+        given = [f"moe_{k}" for k in ("capacity_factor", "replica_slots", "rebalance_interval") if runtime[k]]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to mixture-of-experts models; this model is dense")
+        check_moe_parallel(None, args.tensor_parallel_size, args.enable_expert_parallel)
+        return None
+    moe = moe.with_runtime(expert_parallel=args.enable_expert_parallel, **runtime)
+    check_moe_parallel(moe, args.tensor_parallel_size, args.enable_expert_parallel)
+    return moe
 
 
 def check_moe_parallel(moe: MoEConfig | None, tp: int, expert_parallel: bool) -> None:
@@ -105,6 +130,11 @@ def check_moe_parallel(moe: MoEConfig | None, tp: int, expert_parallel: bool) ->
     if not expert_parallel and moe.moe_intermediate_size % tp:
         raise ValueError(f"tensor_parallel_size {tp} does not divide the experts' intermediate size "
                          f"({moe.moe_intermediate_size}); try enable_expert_parallel")
+    if moe.replica_slots and not (expert_parallel and tp > 1 and moe.ep_dispatch == "all_to_all"):
+        raise ValueError("moe_replica_slots needs enable_expert_parallel over 2+ tensor-parallel ranks with "
+                         "moe_ep_dispatch all_to_all")
+    if moe.rebalance_interval and not moe.replica_slots:
+        raise ValueError("moe_rebalance_interval needs moe_replica_slots > 0 (there is nothing to rebalance)")
     if moe.shared_expert_intermediate_size % tp:
         raise ValueError(f"tensor_parallel_size {tp} does not divide the shared expert's intermediate size "
                          f"({moe.shared_expert_intermediate_size})")

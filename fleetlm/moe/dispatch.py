@@ -20,12 +20,14 @@ from fleetlm.moe.routing import Routing
 
 
 def all_to_all_experts(layer, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    ep, rank, n_local = layer.group_size, layer.group_rank, layer.num_local_experts
+    ep, rank = layer.group_size, layer.group_rank
     t, k = routing.ids.shape
+    dest_all, slot_all = destinations(layer, routing.ids)
     per = -(-t // ep)
     lo, hi = min(t, rank * per), min(t, (rank + 1) * per)
-    ids, weights = routing.ids[lo:hi].reshape(-1), routing.weights[lo:hi].reshape(-1)
-    dest = torch.where(ids >= 0, ids // n_local, ep)
+    dest, slots = dest_all[lo:hi].reshape(-1), slot_all[lo:hi].reshape(-1)
+    weights = routing.weights[lo:hi].reshape(-1)
+    dest = torch.where(dest >= 0, dest, ep)
     order = torch.argsort(dest, stable=True)
     send_counts = torch.bincount(dest, minlength=ep + 1)[:ep]
     order = order[: int(send_counts.sum())]  # dropped assignments (dest == ep) sort last
@@ -34,13 +36,29 @@ def all_to_all_experts(layer, x: torch.Tensor, routing: Routing) -> torch.Tensor
     xs = x[lo:hi]
     rows = order // k
     got_x = _a2a(xs[rows].contiguous(), recv, send)
-    got_e = _a2a((ids[order] - dest[order] * n_local).contiguous(), recv, send)
-    local_ids = (got_e + layer.first_expert).unsqueeze(-1)
-    y = layer.grouped(got_x, local_ids, torch.ones_like(local_ids, dtype=torch.float32))
+    got_slot = _a2a(slots[order].contiguous(), recv, send).unsqueeze(-1)
+    y = layer.grouped_slots(got_x, got_slot, torch.ones_like(got_slot, dtype=torch.float32))
     back = _a2a(y, send, recv)
     out = torch.zeros_like(xs)
     out.index_add_(0, rows, back * weights[order].to(x.dtype).unsqueeze(-1))
     return _gather_slices(out, per, t)
+
+
+def destinations(layer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(EP rank, local slot) of every assignment in ``ids`` [T, k] (-1 where dropped): the
+    owner, or with replication the copy the adaptive routing picks. Counts each rank's load."""
+    if layer.replication is not None:
+        from fleetlm.moe.replication import assign_copies
+
+        dest, slot, load = assign_copies(ids, layer.replication.placement)
+    else:
+        n_local = layer.num_local_experts
+        dest = torch.where(ids >= 0, ids // n_local, -1)
+        slot = torch.where(ids >= 0, ids % n_local, -1)
+        load = torch.bincount(dest[dest >= 0], minlength=layer.group_size).tolist()
+    if not torch.is_grad_enabled():
+        layer.stats.rank_tokens = [a + b for a, b in zip(layer.stats.rank_tokens, load)]
+    return dest, slot
 
 
 @_timed("all_to_all")

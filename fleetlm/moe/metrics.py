@@ -34,6 +34,8 @@ class MoEMetrics:
         self.hottest = metric(Gauge, "moe_layer_hottest_expert", "Expert with the most load since the last "
                               "report.", "layer")
         self.replicas = metric(Gauge, "moe_layer_replicas", "Experts holding a redundant copy.", "layer")
+        self.rank_imbalance = metric(Gauge, "moe_layer_rank_imbalance", "Max / mean expert-parallel rank load "
+                                     "since the last report (after replication).", "layer")
         self._last: MoEReport | None = None
 
     def update(self, r: MoEReport) -> None:
@@ -55,4 +57,9 @@ class MoEMetrics:
             self.rerouted.labels(*lbl).inc(max(0, r.rerouted[j] - (last.rerouted[j] if last else 0)))
             if r.replicas:
                 self.replicas.labels(*lbl).set(len(r.replicas[j]))
+            if r.rank_tokens and len(r.rank_tokens[j]) > 1:
+                prev = last.rank_tokens[j] if last is not None and last.rank_tokens else (0,) * len(r.rank_tokens[j])
+                window = [max(0, a - b) for a, b in zip(r.rank_tokens[j], prev)]
+                if sum(window):
+                    self.rank_imbalance.labels(*lbl).set(imbalance(window))
         self._last = r

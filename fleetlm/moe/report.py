@@ -18,6 +18,7 @@ class MoEReport:
     dropped: tuple[int, ...]  # per layer, over capacity and not placed
     rerouted: tuple[int, ...]  # per layer, moved to a next-best expert
     replicas: tuple[tuple[int, ...], ...] = ()  # [layer] experts holding a redundant copy (if any)
+    rank_tokens: tuple[tuple[int, ...], ...] = ()  # [layer][EP rank] assignments computed there
 
     def __add__(self, other: MoEReport) -> MoEReport:
         """Counts of two engine cores (data parallelism: ``sum`` of their reports)."""
@@ -25,7 +26,8 @@ class MoEReport:
             raise ValueError(f"MoE reports of different layers: {self.layers} vs {other.layers}")
         return MoEReport(self.layers, tuple(tuple(a + b for a, b in zip(x, y)) for x, y in zip(self.tokens, other.tokens)),
                          tuple(a + b for a, b in zip(self.dropped, other.dropped)),
-                         tuple(a + b for a, b in zip(self.rerouted, other.rerouted)), self.replicas)
+                         tuple(a + b for a, b in zip(self.rerouted, other.rerouted)), self.replicas,
+                         tuple(tuple(a + b for a, b in zip(x, y)) for x, y in zip(self.rank_tokens, other.rank_tokens)))
 
     def __radd__(self, other: object) -> MoEReport:
         if other == 0:  # sum() starts from 0

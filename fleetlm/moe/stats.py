@@ -18,8 +18,9 @@ REPORT_INTERVAL_S = 1.0  # the engine core refreshes its MoE report at most this
 
 
 class ExpertStats:
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, ep_size: int = 1) -> None:
         self.tokens = torch.zeros(num_experts, dtype=torch.int64)
+        self.rank_tokens = [0] * ep_size  # assignments computed by each EP rank (after replication)
         self.dropped = 0
         self.rerouted = 0
         self.steps = 0
@@ -37,6 +38,7 @@ class ExpertStats:
 
     def reset(self) -> None:
         self.tokens.zero_()
+        self.rank_tokens = [0] * len(self.rank_tokens)
         self.dropped = self.rerouted = self.steps = 0
 
 
@@ -58,9 +60,13 @@ def model_report(model) -> MoEReport | None:
     if not layers:
         return None
     snaps = {i: m.stats.snapshot() for i, m in sorted(layers.items())}
+    replicated = any(m.replication is not None for m in layers.values())
     return MoEReport(layers=tuple(snaps), tokens=tuple(s.tokens for s in snaps.values()),
                      dropped=tuple(s.dropped for s in snaps.values()),
-                     rerouted=tuple(s.rerouted for s in snaps.values()))
+                     rerouted=tuple(s.rerouted for s in snaps.values()),
+                     replicas=tuple(m.replication.placement.replicated() if m.replication else ()
+                                    for _, m in sorted(layers.items())) if replicated else (),
+                     rank_tokens=tuple(tuple(m.stats.rank_tokens) for _, m in sorted(layers.items())))
 
 
 def executor_report(executor) -> MoEReport | None:

@@ -1,6 +1,7 @@
 """Expert parallelism end to end on gloo: a tiny random Mixtral (and Qwen2-MoE with its shared
 expert) served with tensor_parallel_size=2 and enable_expert_parallel (both dispatches) and with
-plain TP=2 generates the same greedy tokens as one process, and every KV block returns."""
+plain TP=2, and with hot-expert replicas rebalanced every 2 steps, generates the same greedy
+tokens as one process, and every KV block returns."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ LAYOUTS = {
     "ep2-all_to_all": {"tensor_parallel_size": 2, "enable_expert_parallel": True},
     "ep2-all_reduce": {"tensor_parallel_size": 2, "enable_expert_parallel": True, "moe_ep_dispatch": "all_reduce"},
     "tp2": {"tensor_parallel_size": 2},
+    "ep2-replicas": {"tensor_parallel_size": 2, "enable_expert_parallel": True, "moe_replica_slots": 1,
+                     "moe_rebalance_interval": 2},
 }
 
 
@@ -23,6 +26,11 @@ def _tokens(path, **kw):
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False)
         sched = llm.engine.core.scheduler
         assert sched.kv.num_free_blocks == sched.cache_config.num_blocks
+        if kw.get("moe_replica_slots"):  # rebalanced mid-load: copies placed, every request finished
+            llm.engine.core.executor._moe_report = None
+            report = llm.engine.core.stats().moe
+            assert all(report.replicas) and all(len(r) == 2 for r in report.rank_tokens)
+            assert all(o.finished and len(o.outputs[0].token_ids) == SP.max_tokens for o in outs)
         return [o.outputs[0].token_ids for o in outs]
 
 

@@ -65,6 +65,12 @@ def test_prometheus_series_windowed_imbalance_and_bounded_cardinality():
     assert 'fleetlm:moe_layer_imbalance{layer="0",model_name="tiny"} 3.0' in text
     assert 'fleetlm:moe_layer_hottest_expert{layer="0",model_name="tiny"} 0.0' in text
     assert imbalance((2, 2, 2, 2)) == 1.0 and imbalance((0, 0)) == 0.0
+    rep = PrometheusMetrics("rep")  # EP rank loads: (30, 10) since the last report -> 1.5; 2 replicas
+    rep.on_scheduler_stats(SchedulerStats(moe=MoEReport((0,), ((4, 4),), (0,), (0,), ((1,),), ((10, 10),))))
+    rep.on_scheduler_stats(SchedulerStats(moe=MoEReport((0,), ((8, 8),), (0,), (0,), ((0, 1),), ((40, 20),))))
+    text = rep.render().decode()
+    assert 'fleetlm:moe_layer_rank_imbalance{layer="0",model_name="rep"} 1.5' in text
+    assert 'fleetlm:moe_layer_replicas{layer="0",model_name="rep"} 2.0' in text
     big = PrometheusMetrics("big")  # 48 layers x 64 experts > 1024 series: per-layer only
     big.on_scheduler_stats(SchedulerStats(moe=MoEReport(tuple(range(48)), ((1,) * 64,) * 48, (0,) * 48, (0,) * 48)))
     text = big.render().decode()
