@@ -19,7 +19,9 @@ dominates below it, compute above), ``s`` the extra cost of a request whose quer
 tokens (``segment_cost``: attention runs it as its own segment) and ``c`` the proposer's cost
 per draft. The step uses
 the k in ``0..K`` that maximises ``E(k) / C(k)``; ``k = 0`` (no drafts) when nothing beats 1.
-While speculation is off, one step in ``PROBE_EVERY`` drafts one token to keep measuring.
+While speculation is off, one step in ``PROBE_EVERY`` drafts one token to keep measuring, and
+only ``PROBE_REQUESTS`` requests verify a probe's drafts: each is one more attention segment in a
+batch the rule has just judged too big to gain.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fleetlm.request import Request
 from fleetlm.spec_decode.config import SpeculativeConfig
 
 PROBE_EVERY = 32
+PROBE_REQUESTS = 2
 EMA_WEIGHT = 0.05
 PRIOR_ACCEPTANCE = 0.5
 
@@ -94,12 +97,14 @@ class SpecScheduler:
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self.acceptance = PRIOR_ACCEPTANCE
         self._steps_off = 0
+        self._probe_budget: int | None = None  # requests that may still verify the last probe's drafts
         self.last_k = config.num_speculative_tokens
 
     # -- per step -------------------------------------------------------------------------------
     def step_k(self, num_running: int) -> int:
         """Drafts each request may get proposed after this step (the adaptive rule)."""
         c = self.config
+        self._probe_budget = None  # this step's scheduling has consumed the last probe's drafts
         if c.disable_by_batch_size is not None and num_running >= c.disable_by_batch_size:
             k = 0
         elif not c.adaptive:
@@ -110,7 +115,7 @@ class SpecScheduler:
             if k == 0:
                 self._steps_off += 1
                 if self._steps_off >= PROBE_EVERY:
-                    self._steps_off, k = 0, 1
+                    self._steps_off, k, self._probe_budget = 0, 1, PROBE_REQUESTS
         self.last_k = k
         return k
 
@@ -120,6 +125,10 @@ class SpecScheduler:
         drafts = self.drafts.pop(req.request_id, [])
         if not drafts or req.num_tokens - req.num_computed_tokens != 1:
             return []
+        if self._probe_budget is not None:  # drafts of a probe: a few requests measure, the rest skip
+            if self._probe_budget == 0:
+                return []
+            self._probe_budget -= 1
         room = min(budget - 1, req.max_tokens - req.num_output_tokens - 1, max_model_len - req.num_tokens)
         return drafts[: max(0, room)]
 

@@ -60,5 +60,22 @@ def test_adaptive_scheduler_turns_off_and_probes():
     sched.acceptance = 0.0  # measured: nothing is ever accepted
     ks = [sched.step_k(64) for _ in range(64)]
     assert ks.count(0) == 62 and ks.count(1) == 2  # off, with a one-draft probe every 32 steps
+    # the drafts a probe brings back are verified by PROBE_REQUESTS requests only
+    from fleetlm.request import Request
+    from fleetlm.sampling_params import SamplingParams
+    from fleetlm.spec_decode.scheduling import PROBE_REQUESTS
+
+    reqs = [Request(str(i), [1, 2, 3], SamplingParams(max_tokens=50)) for i in range(16)]
+    for r in reqs:
+        r.num_computed_tokens = 2  # one token to compute: a decode
+    while sched.step_k(16) != 1:
+        pass
+    for r in reqs:
+        sched.on_output(r, [7], [8])
+    assert sum(bool(sched.drafts_for(r, 100, 1000)) for r in reqs) == PROBE_REQUESTS
+    sched.step_k(16)  # the next step: not a probe
+    for r in reqs:
+        sched.on_output(r, [7], [8])
+    assert sum(bool(sched.drafts_for(r, 100, 1000)) for r in reqs) == 16  # not a probe's: no limit
     off = SpecScheduler(SpeculativeConfig("ngram", 4, disable_by_batch_size=8), draft_cost=0.0)
     assert off.step_k(8) == 0 and off.step_k(2) > 0
