@@ -27,6 +27,9 @@ class BatchLayout:
     block_table: np.ndarray  # [num_reqs, max_blocks] block ids, padded with 0
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each token
     num_decodes: int  # the first num_decodes requests have query_len == 1
+    # per request, None or a bool [q, q] tree mask over its own query rows (row r may see row c;
+    # the cached context is always visible): tree verification (fleetlm/spec_decode/tree.py)
+    tree_masks: tuple[np.ndarray | None, ...] | None = None
 
     @property
     def seq_lens(self) -> np.ndarray:

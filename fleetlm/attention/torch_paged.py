@@ -43,9 +43,10 @@ class PrefillSegment:
 class TorchPagedBackend(AttentionBackend):
     name = "torch_paged"
 
-    def __init__(self, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, block_size: int, dtype: torch.dtype, kv_format=None) -> None:
         self.block_size = block_size
         self.dtype = dtype
+        self.kv_format = kv_format  # fleetlm.quantization.kv.KVFormat, or None: the model dtype
 
     def _additive(self, allowed: np.ndarray, device: torch.device) -> torch.Tensor:
         """Bool 'may attend' -> additive mask in the model dtype, built once per step (SDPA
@@ -60,20 +61,25 @@ class TorchPagedBackend(AttentionBackend):
         dec_lens = torch.from_numpy(layout.seq_lens[:nd]).to(device) if nd else None
         q_lens, ctx = layout.query_lens[nd:], layout.context_lens[nd:]
         num_p = len(q_lens)
-        batched = int(q_lens[0]) if num_p and (q_lens == q_lens[0]).all() and not ctx.any() else 0
+        batched = (int(q_lens[0]) if num_p and (q_lens == q_lens[0]).all() and not ctx.any()
+                   and layout.tree_masks is None else 0)
         segments = [] if batched or not num_p else self._segments(layout, device)
         return TorchPagedMetadata(layout.slot_mapping.to(device), nd, dec_bt, dec_mask, dec_lens,
                                   num_p, batched, segments)
 
     def _segments(self, layout: BatchLayout, device: torch.device) -> list[PrefillSegment]:
         nd, bs = layout.num_decodes, self.block_size
+        trees = layout.tree_masks[nd:] if layout.tree_masks is not None else [None] * len(layout.query_lens[nd:])
         out, start = [], 0
-        for q, c, row in zip(layout.query_lens[nd:], layout.context_lens[nd:], layout.block_table[nd:]):
+        for q, c, row, tree in zip(layout.query_lens[nd:], layout.context_lens[nd:], layout.block_table[nd:], trees):
             q, c = int(q), int(c)
             blocks = mask = None
-            if c:
+            if c or tree is not None:
                 blocks = torch.from_numpy(row[: -(-(c + q) // bs)]).to(device)
-                if q > 1:
+                if tree is not None:  # the context, then the query's own rows as the tree allows
+                    allowed = np.concatenate([np.ones((q, c), dtype=bool), tree], axis=1)
+                    mask = self._additive(allowed, device)
+                elif q > 1:
                     allowed = np.arange(c + q)[None, :] <= c + np.arange(q)[:, None]
                     mask = self._additive(allowed, device)
             out.append(PrefillSegment(start, start + q, blocks, c + q, mask))
@@ -91,8 +97,12 @@ class TorchPagedBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta: TorchPagedMetadata) -> torch.Tensor:
         num_kv, d = k.shape[1], k.shape[2]
-        kv_cache[0].view(-1, num_kv, d).index_copy_(0, meta.slot_mapping, k)
-        kv_cache[1].view(-1, num_kv, d).index_copy_(0, meta.slot_mapping, v)
+        if self.kv_format is not None:
+            self.kv_format.write(kv_cache[0], meta.slot_mapping, k)
+            self.kv_format.write(kv_cache[1], meta.slot_mapping, v)
+        else:
+            kv_cache[0].view(-1, num_kv, d).index_copy_(0, meta.slot_mapping, k)
+            kv_cache[1].view(-1, num_kv, d).index_copy_(0, meta.slot_mapping, v)
         nd = meta.num_decode_tokens
         parts = []
         if nd:
@@ -101,12 +111,17 @@ class TorchPagedBackend(AttentionBackend):
             parts.append(self._prefill(q[nd:], k[nd:], v[nd:], kv_cache, meta))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    @staticmethod
-    def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blocks(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """``kv_cache[:, block_ids]`` in the model dtype (a quantized cache is dequantized)."""
+        kv = kv_cache[:, block_ids]
+        return kv if self.kv_format is None else self.kv_format.decode(kv, self.dtype)
+
+    def _gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of each row's blocks in one index op: two [B, Hkv, L, D] views."""
         b, nb = block_table.shape
-        _, _, bs, h, d = kv_cache.shape
-        kv = kv_cache[:, block_table].view(2, b, nb * bs, h, d).transpose(2, 3)
+        blocks = self._blocks(kv_cache, block_table)
+        _, _, _, bs, h, d = blocks.shape
+        kv = blocks.view(2, b, nb * bs, h, d).transpose(2, 3)
         return kv[0], kv[1]
 
     def _decode(self, q, kv_cache, meta) -> torch.Tensor:
@@ -131,8 +146,8 @@ class TorchPagedBackend(AttentionBackend):
                 ks, vs = (x[seg.start : seg.end].transpose(0, 1)[None] for x in (k, v))
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
-                _, _, bs, hkv, _ = kv_cache.shape
-                kv = kv_cache[:, seg.block_ids].view(2, -1, hkv, d)[:, : seg.kv_len].transpose(1, 2)
+                hkv = kv_cache.shape[3]
+                kv = self._blocks(kv_cache, seg.block_ids).view(2, -1, hkv, d)[:, : seg.kv_len].transpose(1, 2)
                 o = F.scaled_dot_product_attention(qs, kv[0][None], kv[1][None], attn_mask=seg.mask, enable_gqa=True)
             outs.append(o[0].transpose(0, 1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

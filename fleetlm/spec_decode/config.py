@@ -15,8 +15,8 @@ from typing import Any
 _METHOD_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "ngram": (frozenset({"prompt_lookup_min", "prompt_lookup_max"}), frozenset()),
     "draft_model": (frozenset({"model"}), frozenset({"model"})),
-    "eagle": (frozenset({"model"}), frozenset({"model"})),
-    "medusa": (frozenset({"model"}), frozenset({"model"})),
+    "eagle": (frozenset({"model", "verification", "tree"}), frozenset({"model"})),
+    "medusa": (frozenset({"model", "verification", "tree"}), frozenset({"model"})),
     "self_spec": (frozenset({"num_draft_layers"}), frozenset({"num_draft_layers"})),
 }
 _COMMON_KEYS = frozenset({"method", "num_speculative_tokens", "adaptive", "disable_by_batch_size",
@@ -49,6 +49,8 @@ class SpeculativeConfig:
     knee_tokens: int = 100  # SmolLM2-135M bf16 on a 2-core Xeon (benchmarks/sim_profile_cpu.json)
     segment_cost: float = 0.17  # a multi-token query's own attention segment, per one-token step (same profile)
     draft_cost: float | None = None
+    verification: str = "chain"  # eagle, medusa: "chain" or "tree" (spec_decode/tree.py)
+    tree: tuple[tuple[int, ...], ...] | None = None  # tree's rank paths (None: tree.default_tree(k))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | SpeculativeConfig) -> SpeculativeConfig:
@@ -102,11 +104,24 @@ class SpeculativeConfig:
         if self.draft_cost is not None and (not isinstance(self.draft_cost, (int, float))
                                             or not 0.0 <= self.draft_cost <= 10.0):
             bad("draft_cost", "must be a number in [0, 10]")
+        if self.verification not in ("chain", "tree"):
+            bad("verification", "must be 'chain' or 'tree'")
+        if self.verification == "tree":
+            from fleetlm.spec_decode.tree import parse_tree
+
+            object.__setattr__(self, "tree", parse_tree(self.tree, self.num_speculative_tokens))
+        elif self.tree is not None:
+            bad("tree", "is only used with verification 'tree'")
 
     @property
     def uses_draft_kv(self) -> bool:
         """Methods that write K/V for draft positions ahead of the target (need lookahead slots)."""
         return self.method in ("draft_model", "eagle", "self_spec")
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """Most draft tokens one request verifies in a step: k, or the tree's nodes."""
+        return len(self.tree) if self.verification == "tree" else self.num_speculative_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

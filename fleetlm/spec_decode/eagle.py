@@ -16,6 +16,8 @@ from fleetlm.spec_decode.chain import run_chain
 from fleetlm.spec_decode.heads import EAGLE_FORMAT, EagleHead, check_dims, check_target, read_head
 from fleetlm.spec_decode.paged import Run, paged_forward
 from fleetlm.spec_decode.proposer import ProposeBatch, Proposer
+from fleetlm.spec_decode.tree import DraftTree
+from fleetlm.spec_decode.tree_propose import eagle_tree, tree_ids
 
 EAGLE_LAYER = 0  # the head's layer index in its own cache
 
@@ -32,6 +34,7 @@ class EagleProposer(Proposer):
         self.head.load(tensors)
         self.head.eval()
         self.kv_caches: dict[int, torch.Tensor] = {}
+        self.tree = DraftTree(config.tree) if config.verification == "tree" else None
 
     def kv_bytes_per_token(self) -> int:
         c = self.runner.cfg
@@ -69,7 +72,19 @@ class EagleProposer(Proposer):
             feats.append(batch.hidden[it.hidden_rows[: len(nxt)]])
         if not items:
             return {}
+        if self.tree is not None:  # requests that want a tree (tree_propose.py), the rest a chain
+            ids = tree_ids(batch)
+            trees = [i for i, it in enumerate(items) if it.req_id in ids and it.emitted and it.num_drafts > 0]
+            if trees:
+                got = eagle_tree(self, [items[i] for i in trees], [first[i] for i in trees],
+                                 [feats[i] for i in trees], self.tree)
+                rest = [i for i in range(len(items)) if i not in set(trees)]
+                if rest:
+                    got.update(self._chain([items[i] for i in rest], [first[i] for i in rest], [feats[i] for i in rest]))
+                return got
+        return self._chain(items, first, feats)
 
+    def _chain(self, items, first, feats) -> dict[str, list[int]]:
         def step(runs: list[Run], carry):
             if carry is None:
                 return self._step(runs, feats)

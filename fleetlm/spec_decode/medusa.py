@@ -13,6 +13,8 @@ from fleetlm.spec_decode.heads import (
     read_head,
 )
 from fleetlm.spec_decode.proposer import ProposeBatch, Proposer
+from fleetlm.spec_decode.tree import DraftTree
+from fleetlm.spec_decode.tree_propose import medusa_tree, split
 
 
 class MedusaProposer(Proposer):
@@ -29,6 +31,7 @@ class MedusaProposer(Proposer):
         self.heads.load(tensors)
         self.heads.eval()
         self.has_lm_head = bool(cfg.get("has_lm_head"))
+        self.tree = DraftTree(config.tree) if config.verification == "tree" else None
 
     def draft_cost(self) -> float:
         return 0.5 / self.runner.cfg.num_layers
@@ -43,6 +46,15 @@ class MedusaProposer(Proposer):
         items = [it for it in batch.items if it.emitted and it.num_drafts > 0]
         if not items:
             return {}
+        if self.tree is not None:  # requests that want a tree (tree_propose.py), the rest a chain
+            chain, trees = split(batch, items)
+            got = medusa_tree(self, batch, trees, self.tree) if trees else {}
+            if chain:
+                got.update(self._chain(batch, chain))
+            return got
+        return self._chain(batch, items)
+
+    def _chain(self, batch: ProposeBatch, items) -> dict[str, list[int]]:
         rows = torch.stack([it.hidden_rows[-1] for it in items])
         h = batch.hidden.index_select(0, rows)
         k = max(it.num_drafts for it in items)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from fleetlm.request import Request
 from fleetlm.spec_decode.config import SpeculativeConfig
+from fleetlm.spec_decode.tree import DraftTree, uses_tree
 
 PROBE_EVERY = 32
 PROBE_REQUESTS = 2
@@ -75,13 +76,16 @@ def expected_tokens(a: float, k: int) -> float:
     return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def best_k(a: float, batch: int, k_max: int, knee: int, draft_cost: float, segment_cost: float = 0.0) -> int:
+def best_k(a: float, batch: int, k_max: int, knee: int, draft_cost: float, segment_cost: float = 0.0,
+           nodes=None) -> int:
+    """``nodes(k)``: tokens verified per request with depth k (a tree's nodes; default k)."""
     def f(tokens: int) -> float:
         return 1.0 + tokens / knee
 
     best, best_gain = 0, 1.0
     for k in range(1, k_max + 1):
-        cost = (f(batch * (1 + k)) + batch * segment_cost) / f(batch) + k * draft_cost
+        n = nodes(k) if nodes is not None else k
+        cost = (f(batch * (1 + n)) + batch * segment_cost) / f(batch) + n * draft_cost
         gain = expected_tokens(a, k) / cost
         if gain > best_gain + 1e-9:
             best, best_gain = k, gain
@@ -99,6 +103,7 @@ class SpecScheduler:
         self._steps_off = 0
         self._probe_budget: int | None = None  # requests that may still verify the last probe's drafts
         self.last_k = config.num_speculative_tokens
+        self.tree = DraftTree(config.tree) if config.verification == "tree" else None
 
     # -- per step -------------------------------------------------------------------------------
     def step_k(self, num_running: int) -> int:
@@ -111,7 +116,7 @@ class SpecScheduler:
             k = c.num_speculative_tokens
         else:
             k = best_k(self.acceptance, max(1, num_running), c.num_speculative_tokens, c.knee_tokens, self.draft_cost,
-                       c.segment_cost)
+                       c.segment_cost, self.tree.num_nodes if self.tree is not None else None)
             if k == 0:
                 self._steps_off += 1
                 if self._steps_off >= PROBE_EVERY:
@@ -138,7 +143,7 @@ class SpecScheduler:
         if not self.config.uses_draft_kv:
             return 0
         reach = req.num_prompt_tokens + req.max_tokens  # no position at or past this is ever written
-        return max(0, min(self.config.num_speculative_tokens, reach - end))
+        return max(0, min(self.config.max_draft_tokens, reach - end))
 
     def on_scheduled(self, req_id: str, num_drafts: int) -> None:
         if num_drafts:
@@ -154,8 +159,11 @@ class SpecScheduler:
         if k:
             accepted = max(0, len(emitted) - 1)
             req.num_computed_tokens -= k - accepted
-            self.stats.record(k, accepted)
-            self.acceptance += EMA_WEIGHT * (accepted / k - self.acceptance)
+            offered = k
+            if self.tree is not None and uses_tree(self.config, req.sampling_params):
+                offered = self.tree.depth_of(k)  # k tree nodes; the positions offered are its depth
+            self.stats.record(offered, accepted)
+            self.acceptance += EMA_WEIGHT * (accepted / offered - self.acceptance)
         if new_drafts:
             self.drafts[req.request_id] = list(new_drafts)
 

@@ -17,6 +17,9 @@ import torch
 from fleetlm.core.sched_output import Logprob, ModelRunnerOutput, PositionLogprobs
 from fleetlm.spec_decode.config import SpeculativeConfig
 from fleetlm.spec_decode.proposer import ProposeBatch, ProposeItem, build_proposer
+from fleetlm.spec_decode.tree import DraftTree, uses_tree
+from fleetlm.spec_decode.tree_propose import TreeProposeBatch
+from fleetlm.spec_decode.tree_verify import accept_tree, tree_layout
 from fleetlm.spec_decode.verify import accept_prefix
 from fleetlm.worker.input_batch import build_sampling_metadata
 
@@ -27,6 +30,17 @@ class SpecDecodeWorker:
         self.config = config
         self.runner = runner
         self.proposer = build_proposer(config, runner, tokenizer)
+        self.tree = DraftTree(config.tree) if config.verification == "tree" else None
+        self._paths: dict[int, list[int]] = {}  # tree requests of the step: accepted rows (root first)
+
+    def is_tree(self, state) -> bool:
+        return self.tree is not None and bool(state.spec_token_ids) and uses_tree(self.config, state.sampling_params)
+
+    def tree_layout(self, states, layout, positions):
+        """The runner's layout with tree requests' depth positions and tree masks."""
+        if self.tree is None:
+            return layout, positions
+        return tree_layout(self, states, layout, positions)
 
     def kv_bytes_per_token(self) -> int:
         return self.proposer.kv_bytes_per_token()
@@ -46,6 +60,7 @@ class SpecDecodeWorker:
                     out.prompt_logprobs[s.req_id] = lps
         ks = [len(s.spec_token_ids) for s in states]
         samples = [i for i, s in enumerate(states) if layout.seq_lens[i] == s.num_tokens + ks[i]]
+        self._paths = {}
         if samples:
             self._verify(so, out, states, samples, ks, ends, hidden)
         r.phase = "sample"
@@ -56,7 +71,7 @@ class SpecDecodeWorker:
         r = self.runner
         rows = np.concatenate([np.arange(ends[i] - 1 - ks[i], ends[i]) for i in samples])
         logits = r.model.compute_logits(hidden.index_select(0, torch.from_numpy(rows).to(r.device)))
-        virtual = [replace(states[i], output_token_ids=states[i].output_token_ids + states[i].spec_token_ids[:j])
+        virtual = [replace(states[i], output_token_ids=states[i].output_token_ids + self._history(states[i], j))
                    for i in samples for j in range(ks[i] + 1)]
         meta = build_sampling_metadata(virtual, logits.shape[1], r.device)
         grammar = getattr(so, "grammar", None)
@@ -69,11 +84,15 @@ class SpecDecodeWorker:
         for i in samples:
             s, k = states[i], ks[i]
             # a grammar refuses a draft through its bitmask row (the target may not sample it)
-            emitted = accept_prefix(s.spec_token_ids, sampled[row : row + k + 1])
+            if self.is_tree(s):  # walk the tree, move the accepted nodes' K/V onto the path's slots
+                emitted, rows = accept_tree(self, s, sampled[row : row + k + 1])
+                self._paths[i] = rows
+            else:
+                emitted, rows = accept_prefix(s.spec_token_ids, sampled[row : row + k + 1]), range(k + 1)
             out.sampled_token_ids[i] = emitted
             n = s.sampling_params.logprobs
             if n is not None:
-                out.logprobs[s.req_id] = [lp.entry(row + j, n) for j in range(len(emitted))]
+                out.logprobs[s.req_id] = [lp.entry(row + rows[j], n) for j in range(len(emitted))]
             row += k + 1
 
     def _propose(self, so, out, states, layout, hidden, input_ids, ks) -> None:
@@ -90,14 +109,29 @@ class SpecDecodeWorker:
             left = (sp.max_tokens or 0) - len(s.output_token_ids) - len(emitted)  # tokens still allowed
             off = sp.disable_speculation or not emitted  # grammars: one bitmask row per draft position
             want = 0 if off else max(0, min(so.num_spec_tokens, left - 1))
+            if i in self._paths:  # a verified tree: the root and the accepted nodes' rows
+                rows = [a + r for r in self._paths[i]]
+                inputs, hrows = [ids[r] for r in rows], torch.tensor(rows, device=hidden.device)
+            else:
+                inputs, hrows = ids[a : a + valid], torch.arange(a, a + valid, device=hidden.device)
             items.append(ProposeItem(s.req_id, s.prompt_token_ids + s.output_token_ids + emitted, int(ctx[i]),
-                                     ids[a : a + valid], torch.arange(a, a + valid, device=hidden.device),
-                                     emitted, want, list(s.block_ids)))
+                                     inputs, hrows, emitted, want, list(s.block_ids)))
         self.proposer.forget(so.finished_req_ids)
         rebuilt = frozenset(r.req_id for r in so.scheduled_new_reqs)
         self.proposer.forget(rebuilt)
-        drafts = self.proposer.propose(ProposeBatch(items, hidden, so.num_spec_tokens, rebuilt))
+        batch = ProposeBatch(items, hidden, so.num_spec_tokens, rebuilt)
+        if self.tree is not None:  # which requests want a tree
+            trees = frozenset(s.req_id for s in states if uses_tree(self.config, s.sampling_params))
+            batch = TreeProposeBatch(items, hidden, so.num_spec_tokens, rebuilt, trees)
+        drafts = self.proposer.propose(batch)
         out.spec_token_ids = {rid: d for rid, d in drafts.items() if d}
+
+
+    def _history(self, state, j: int) -> list[int]:
+        """Drafts emitted before verified row j of a request (row 0: its last known token)."""
+        if self.is_tree(state):
+            return self.tree.path_tokens(state.spec_token_ids, j - 1)
+        return state.spec_token_ids[:j]
 
 
 class _LogprobRows:

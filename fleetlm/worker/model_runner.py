@@ -34,13 +34,15 @@ FAULT_ENV = "FLEETLM_FAULT_TOKEN_ID"
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, block_size: int, device: torch.device,
-                 eos_token_ids: tuple[int, ...], attention_backend: str = "auto") -> None:
+                 eos_token_ids: tuple[int, ...], attention_backend: str = "auto",
+                 kv_cache_dtype: str = "auto") -> None:
         self.model = model
         self.cfg = model.config
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
-        self.backend = get_attention_backend(attention_backend, device, block_size, next(model.parameters()).dtype)
+        self.backend = get_attention_backend(attention_backend, device, block_size, next(model.parameters()).dtype,
+                                             kv_cache_dtype)
         self.sampler = Sampler()
         self.kv_caches: dict[int, torch.Tensor] = {}
         self.kv_cache: torch.Tensor | None = None
@@ -67,8 +69,10 @@ class ModelRunner:
         """One tensor [this stage's layers, 2, num_blocks, block_size, this rank's kv_heads,
         head_dim]; per-layer views keyed by the layer's index in the model."""
         c, layers = self.cfg, self.layer_ids
-        shape = (len(layers), 2, num_blocks, self.block_size, self.num_kv_heads, c.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        fmt = self.backend.kv_format  # a quantized KV cache: its storage dtype and row size
+        head = c.head_dim if fmt is None else fmt.head_size(c.head_dim)
+        shape = (len(layers), 2, num_blocks, self.block_size, self.num_kv_heads, head)
+        self.kv_cache = torch.zeros(shape, dtype=dtype if fmt is None else fmt.storage, device=self.device)
         self.kv_caches = dict(zip(layers, self.kv_cache.unbind(0)))
         if self.spec is not None:
             self.spec.initialize_kv_cache(num_blocks)
@@ -103,6 +107,8 @@ class ModelRunner:
         positions = np.arange(len(tokens)) - np.repeat(np.cumsum(q_lens) - q_lens, q_lens) + ctx[rows]
         slots = table[rows, positions // self.block_size] * self.block_size + positions % self.block_size
         layout = BatchLayout(q_lens, ctx, table, torch.from_numpy(slots), int((q_lens == 1).sum()))
+        if self.spec is not None:  # tree drafts: depth positions and a tree mask (spec_decode/tree.py)
+            layout, positions = self.spec.tree_layout(states, layout, positions)
         dev = self.device
         return states, layout, torch.tensor(tokens, device=dev), torch.from_numpy(positions).to(dev)
 
