@@ -7,6 +7,8 @@ command line), never a silent default.
 - ``transport``: a name in ``fleetlm.disagg.transports.TRANSPORTS`` (``shm``, ``tcp``,
   ``torch_distributed``).
 - ``address``: ``host:port`` where a producer serves its staged K/V (control channel, ZMQ).
+- ``advertise_address``: the ``host:port`` its handles name, when consumers reach it by another
+  name than it binds (``0.0.0.0:5600`` bound, ``prefill-0.prefill:5600`` advertised in Kubernetes).
 - ``producers``: the producer addresses a consumer may fetch from. A handle naming any other
   address is refused: a client cannot make a decode worker connect anywhere it likes.
 - ``handle_ttl_s``: how long a producer keeps a finished prefill's K/V for its consumer.
@@ -26,6 +28,7 @@ class KVTransferConfig:
     role: str
     transport: str = "tcp"
     address: str | None = None
+    advertise_address: str | None = None
     producers: tuple[str, ...] = ()
     handle_ttl_s: float = 60.0
     max_staged_bytes: int = 4 << 30
@@ -40,7 +43,7 @@ class KVTransferConfig:
             raise ValueError(f"kv_transfer_config.transport {self.transport!r} is not known; choose one of: "
                              f"{', '.join(TRANSPORTS)}")
         object.__setattr__(self, "producers", tuple(self.producers))
-        for a in ((self.address,) if self.address else ()) + self.producers:
+        for a in tuple(x for x in (self.address, self.advertise_address) if x) + self.producers:
             check_address(a)
         if self.is_producer and self.address is None:
             raise ValueError(f"kv_transfer_config: role {self.role!r} needs an 'address' (host:port) where "
@@ -60,9 +63,14 @@ class KVTransferConfig:
     def is_consumer(self) -> bool:
         return self.role in ("consumer", "both")
 
+    @property
+    def public_address(self) -> str | None:
+        """The address a producer's handles name."""
+        return self.advertise_address or self.address
+
     def allowed_producers(self) -> tuple[str, ...]:
         """Addresses this consumer fetches from (``both`` may always fetch from itself)."""
-        return self.producers + ((self.address,) if self.role == "both" and self.address else ())
+        return self.producers + ((self.public_address,) if self.role == "both" and self.address else ())
 
     @classmethod
     def parse(cls, value: str | dict | KVTransferConfig) -> KVTransferConfig:

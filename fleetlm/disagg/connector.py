@@ -126,7 +126,7 @@ class KVProducer:
         cfg = conn.config
         self.conn = conn
         self.outbox = KVOutbox(conn.transport, cfg.handle_ttl_s, cfg.max_staged_bytes)
-        self.server = KVServer(cfg.address, self.outbox, conn.engine)
+        self.server = KVServer(cfg.address, self.outbox, conn.engine, cfg.public_address)
         self.failed: dict[str, str] = {}  # request id -> why staging failed (reported in its output)
         self.num_staged = 0
         self.stage_seconds = 0.0

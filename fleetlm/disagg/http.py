@@ -64,7 +64,7 @@ class DisaggFrontend:
         choice = response["choices"][0]
         if choice["finish_reason"] != "length":
             return None
-        return {"remote_address": self.config.address, "transfer_id": f"{response['id']}-0",
+        return {"remote_address": self.config.public_address, "transfer_id": f"{response['id']}-0",
                 "do_remote_prefill": True}
 
     async def resolve(self, req, own_prompt_ids: list[int]) -> list[int]:

@@ -53,7 +53,7 @@ def _run(llm, rids: list[str]) -> dict[str, RequestOutput]:
 
 def prefill(producer, prompts: Sequence[list[int]], sp: SamplingParams) -> list[PrefillResult]:
     """Prefill every prompt on ``producer`` (max one token); handles for those that go on."""
-    address = producer.engine.args.kv_transfer_config.address
+    address = producer.engine.args.kv_transfer_config.public_address
     rids = [f"pd-{next(_ids)}-{time.monotonic_ns()}" for _ in prompts]
     for rid, p in zip(rids, prompts):
         _submit(producer, list(p), replace(sp, max_tokens=1, n=1), {"do_remote_decode": True}, rid)

@@ -92,11 +92,11 @@ class KVOutbox:
 
 
 class KVServer:
-    def __init__(self, address: str, outbox: KVOutbox, engine: EngineFingerprint) -> None:
+    def __init__(self, address: str, outbox: KVOutbox, engine: EngineFingerprint, public: str | None = None) -> None:
         import zmq
 
         self.address, self.outbox, self.engine = address, outbox, engine
-        self.host = address.rpartition(":")[0]
+        self.host = (public or address).rpartition(":")[0]  # where consumers reach it (gloo groups)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
