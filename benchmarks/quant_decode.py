@@ -21,8 +21,8 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 def engine_kwargs(fmt: str) -> dict:
     kw = {"dtype": "bfloat16", "kv_cache_memory": 256 << 20, "max_num_seqs": 1}
-    if fmt not in ("bf16", "gguf"):
-        kw["quantization"] = fmt
+    if fmt != "gguf":
+        kw["quantization"] = "dequantize" if fmt == "bf16" else fmt
     return kw
 
 

@@ -18,8 +18,8 @@ from fleetlm.ops import cpu_ops
 class CpuNativeBackend(TorchPagedBackend):
     name = "cpu_native"
 
-    def __init__(self, block_size: int, dtype: torch.dtype) -> None:
-        super().__init__(block_size, dtype)
+    def __init__(self, block_size: int, dtype: torch.dtype, kv_format=None) -> None:
+        super().__init__(block_size, dtype, kv_format)  # the kernel reads int8 / fp8 caches in place
         self.kernel = cpu_ops()
         if self.kernel is None:
             raise RuntimeError("the cpu_native attention kernel could not be built on this machine")

@@ -113,8 +113,9 @@ class TorchPagedBackend(AttentionBackend):
 
     def _blocks(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """``kv_cache[:, block_ids]`` in the model dtype (a quantized cache is dequantized)."""
-        kv = kv_cache[:, block_ids]
-        return kv if self.kv_format is None else self.kv_format.decode(kv, self.dtype)
+        if self.kv_format is None:
+            return kv_cache[:, block_ids]
+        return self.kv_format.gather(kv_cache, block_ids, self.dtype)
 
     def _gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of each row's blocks in one index op: two [B, Hkv, L, D] views."""

@@ -12,6 +12,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define FLEETLM_AVX512BF16 1
@@ -22,6 +26,8 @@ namespace {
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 template <>
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+template <>
 inline float to_float(c10::BFloat16 x) {  // a shift: keeps the loops vectorizable
   uint32_t bits = static_cast<uint32_t>(x.x) << 16;
   float f;
@@ -31,7 +37,18 @@ inline float to_float(c10::BFloat16 x) {  // a shift: keeps the loops vectorizab
 
 struct Shape {
   int64_t H, Hkv, G, D, BS, max_blocks, tok_stride, blk_stride, v_offset;
+  int64_t hs;    // elements from one head's row to the next (D, or D + 2 for an int8 cache)
+  bool scaled;   // int8 cache: each head row ends with its fp16 scale (2 bytes)
 };
+
+// The dequantization scale of one cached head row (1 unless the cache is int8 with scales).
+template <typename S>
+inline float row_scale(const S* row, const Shape& s) {
+  if (!s.scaled) return 1.f;
+  c10::Half h;
+  std::memcpy(&h, row + s.D, sizeof(h));
+  return static_cast<float>(h);
+}
 
 // scores[j * L + t] = q_j . k_t (q already scaled) for every query head j of one sequence and
 // every cached token t; each block is read once, front to back, for all kv heads.
@@ -43,11 +60,11 @@ void qk_scores(const float* qf, const T* kv, const int64_t* blocks, int64_t L, c
     const int64_t n = std::min<int64_t>(s.BS, L - t0);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < s.H; ++j) {
-        const T* k = base + i * s.tok_stride + (j / s.G) * s.D;
+        const T* k = base + i * s.tok_stride + (j / s.G) * s.hs;
         const float* qj = qf + j * s.D;
         float acc = 0.f;
         for (int64_t d = 0; d < s.D; ++d) acc += qj[d] * to_float(k[d]);
-        scores[j * L + t0 + i] = acc;
+        scores[j * L + t0 + i] = acc * row_scale(k, s);
       }
     }
   }
@@ -108,7 +125,10 @@ void pv_accumulate(const float* p, const T* kv, const int64_t* blocks, int64_t L
     const int64_t n = std::min<int64_t>(s.BS, L - t0);
     for (int64_t i = 0; i < n; ++i) {
       const T* v = base + i * s.tok_stride;
-      for (int64_t d = 0; d < s.Hkv * s.D; ++d) vf[d] = to_float(v[d]);
+      for (int64_t h = 0; h < s.Hkv; ++h) {
+        const float sc = row_scale(v + h * s.hs, s);
+        for (int64_t d = 0; d < s.D; ++d) vf[h * s.D + d] = to_float(v[h * s.hs + d]) * sc;
+      }
       for (int64_t j = 0; j < s.H; ++j) {
         const float w = p[j * L + t0 + i];
         const float* vh = vf + (j / s.G) * s.D;
@@ -119,8 +139,9 @@ void pv_accumulate(const float* p, const T* kv, const int64_t* blocks, int64_t L
   }
 }
 
-template <typename T>
-void decode_kernel(const T* q, const T* kv, const int64_t* bt, const int64_t* lens, T* out,
+// T: the query/output dtype; S: the cache's (T itself, int8 with per-row scales, or fp8 e4m3)
+template <typename T, typename S = T>
+void decode_kernel(const T* q, const S* kv, const int64_t* bt, const int64_t* lens, T* out,
                    int64_t B, const Shape& s, float scale) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(s.H * s.D), acc(s.H * s.D), vf(s.Hkv * s.D), scores;
@@ -132,7 +153,7 @@ void decode_kernel(const T* q, const T* kv, const int64_t* bt, const int64_t* le
       scores.resize(s.H * L);
       bool done = false;
 #ifdef FLEETLM_AVX512BF16
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<S, c10::BFloat16>) {
         if (s.D % 32 == 0 && s.D <= 128) {
           qk_scores_bf16(qf.data(), kv, blocks, L, s, scores.data());
           done = true;
@@ -150,25 +171,39 @@ void decode_kernel(const T* q, const T* kv, const int64_t* bt, const int64_t* le
 
 }  // namespace
 
-// q [B, H, D]; kv_cache [2, num_blocks, block_size, Hkv, D] (contiguous); block_table [B, max_blocks]
+// q [B, H, D]; kv_cache [2, num_blocks, block_size, Hkv, D] (contiguous; int8 caches [.., D + 2]:
+// codes, then the row's fp16 scale; fp8 e4m3 caches [.., D]); block_table [B, max_blocks]
 // int64; seq_lens [B] int64. Returns [B, H, D].
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_table,
                            torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous(), "q and kv_cache must be contiguous");
   TORCH_CHECK(block_table.scalar_type() == torch::kLong && seq_lens.scalar_type() == torch::kLong,
               "block_table and seq_lens must be int64");
-  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache dtypes differ");
+  const auto kv_type = kv_cache.scalar_type();
+  const bool int8_kv = kv_type == torch::kChar, fp8_kv = kv_type == at::kFloat8_e4m3fn;
+  TORCH_CHECK(q.scalar_type() == kv_type || int8_kv || fp8_kv,
+              "kv_cache must have q's dtype, int8 (with per-row fp16 scales) or float8_e4m3fn");
   auto bt = block_table.contiguous();
   auto lens = seq_lens.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = kv_cache.size(2), Hkv = kv_cache.size(3);
-  TORCH_CHECK(H % Hkv == 0 && kv_cache.size(4) == D, "head shapes of q and kv_cache disagree");
-  Shape s{H, Hkv, H / Hkv, D, BS, bt.size(1), Hkv * D, BS * Hkv * D, kv_cache.stride(0)};
+  const int64_t BS = kv_cache.size(2), Hkv = kv_cache.size(3), hs = kv_cache.size(4);
+  TORCH_CHECK(H % Hkv == 0 && hs == D + (int8_kv ? 2 : 0), "head shapes of q and kv_cache disagree");
+  Shape s{H, Hkv, H / Hkv, D, BS, bt.size(1), Hkv * hs, BS * Hkv * hs, kv_cache.stride(0), hs, int8_kv};
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), bt.data_ptr<int64_t>(),
-                            lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, s,
-                            static_cast<float>(scale));
+    const float sc = static_cast<float>(scale);
+    const auto* qp = q.data_ptr<scalar_t>();
+    auto* op = out.data_ptr<scalar_t>();
+    if (int8_kv) {
+      decode_kernel<scalar_t, int8_t>(qp, kv_cache.data_ptr<int8_t>(), bt.data_ptr<int64_t>(),
+                                      lens.data_ptr<int64_t>(), op, B, s, sc);
+    } else if (fp8_kv) {
+      decode_kernel<scalar_t, c10::Float8_e4m3fn>(qp, kv_cache.data_ptr<c10::Float8_e4m3fn>(),
+                                                  bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, s, sc);
+    } else {
+      decode_kernel<scalar_t>(qp, kv_cache.data_ptr<scalar_t>(), bt.data_ptr<int64_t>(),
+                              lens.data_ptr<int64_t>(), op, B, s, sc);
+    }
   });
   return out;
 }
@@ -278,9 +313,67 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
+namespace {
+// sum_g s[g] * sum_k q[g*GS + k] * x[g*GS + k] for one weight row and one input row.
+inline float int8_group_dot(const int8_t* q, const float* s, const float* x, int64_t G, int64_t GS) {
+#if defined(__AVX512F__)
+  if (GS % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 sc = _mm512_set1_ps(s[g]);
+      __m512 part = _mm512_setzero_ps();
+      for (int64_t k = 0; k < GS; k += 16) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * GS + k));
+        const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        part = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + g * GS + k), part);
+      }
+      acc = _mm512_fmadd_ps(sc, part, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float total = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    float d = 0.f;
+    for (int64_t k = 0; k < GS; ++k) d += static_cast<float>(q[g * GS + k]) * x[g * GS + k];
+    total += s[g] * d;
+  }
+  return total;
+}
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Group-wise int8 weights (GGUF Q8_0): y[m, n] = sum_g s[n, g] * sum_k q[n, g*GS + k] * x[m, g*GS + k].
+// x [M, K] float32, q [N, K] int8, s [N, K/GS] float32 -> y [M, N] float32. AVX-512: int8 widened
+// to float in registers, one FMA per 16 weights, the group's scale applied once per group.
+torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t group) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && q.scalar_type() == torch::kChar && s.scalar_type() == torch::kFloat,
+              "int8_group_linear: x float32, q int8, s float32");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && s.is_contiguous(), "int8_group_linear: contiguous tensors");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / group;
+  TORCH_CHECK(q.size(1) == K && K % group == 0 && s.size(0) == N && s.size(1) == G && group <= 256,
+              "int8_group_linear: shapes disagree");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* qrow = qp + n * K;
+      const float* srow = sp + n * G;
+      for (int64_t m = 0; m < M; ++m)
+        yp[m * N + n] = int8_group_dot(qrow, srow, xp + m * K, G, group);
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (CPU)");
   m.def("add_rms_norm_", &add_rms_norm_, "in-place (residual add +) RMSNorm");
   m.def("rope_", &rope_, "in-place rotary embedding");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("int8_group_linear", &int8_group_linear, "x @ (group-wise int8 weights).T (GGUF Q8_0)");
 }

@@ -156,8 +156,10 @@ class LlamaForCausalLM(nn.Module):
         else:
             tie = self.model.embed_tokens if cfg.tie_word_embeddings and st.is_first_stage else None
             head_cls = ParallelLMHead
-            if cfg.quantization is not None and cfg.quantization.lm_head() == "int8":
-                from fleetlm.quantization.lm_head import Int8LMHead as head_cls
+            if cfg.quantization is not None and cfg.quantization.lm_head() is not None:
+                from fleetlm.quantization.lm_head import lm_head_class
+
+                head_cls = lm_head_class(cfg.quantization.lm_head())
             self.lm_head = head_cls(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tie_to=tie)
 
     @property

@@ -74,7 +74,9 @@ def _load_files(path: Path, dtype: torch.dtype, quantization: str | None) -> Loa
             f"{path} is neither a GGUF file (magic {magic!r}, expected b'GGUF') nor a Hugging Face "
             "model directory (config.json + *.safetensors)"
         )
-    return _load_gguf(path, dtype)
+    # a GGUF's quantized tensors stay quantized unless another format is asked for; fp32 is the
+    # reference precision and dequantizes as before
+    return _load_gguf(path, dtype, keep_quantized=quantization is None and dtype != torch.float32)
 
 
 # -- Hugging Face directory -------------------------------------------------------------------
@@ -211,7 +213,7 @@ def _hf_name(gguf_name: str) -> str:
     return f"model.layers.{layer}.{_GGUF_TO_HF[kind]}.{suffix}"
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> LoadedModel:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -222,14 +224,31 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
         factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
         config = dataclasses.replace(config, rope_scaling={"rope_type": "freq_factors", "factors": tuple(float(f) for f in factors)})
     llama_permuted = fields.get("general.architecture") == "llama"
+    kept = None
+    if keep_quantized:
+        from fleetlm.quantization import gguf as gq
+
+        kept = gq.plan_kept(list(reader.tensors))
+        if kept is not None:
+            config = dataclasses.replace(config, quantization=kept)
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for t in (t for t in reader.tensors if t.name != ROPE_FREQS):
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
             kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-            if llama_permuted and kind in ("attn_q", "attn_k"):
-                arr = _unpermute_qk(arr, config.num_heads if kind == "attn_q" else config.num_kv_heads)
+            heads = config.num_heads if kind == "attn_q" else config.num_kv_heads
+
+            def unpermute(a: np.ndarray, kind: str = kind, heads: int = heads) -> np.ndarray:
+                return _unpermute_qk(a, heads) if llama_permuted and kind in ("attn_q", "attn_k") else a
+
+            if kept is not None and gq.is_kept(kept, _hf_name(t.name)):
+                yield from gq.kept_tensors(t, _hf_name(t.name), unpermute)
+                continue
+            if kept is not None and kept.head == "int8_group" and t.name in gq.head_names(config):
+                yield from gq.head_tensors(t)
+                if t.name == "output.weight":
+                    continue
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            arr = unpermute(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
             yield _hf_name(t.name), torch.from_numpy(np.array(arr, dtype=np.float32, order="C")).to(dtype)
 
     return LoadedModel(config, tokenizer_from_gguf_fields(fields), weights(), "gguf")

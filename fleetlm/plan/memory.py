@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from fleetlm.plan.errors import PlanError
-from fleetlm.plan.formats import WeightFormat, kv_dtype_bytes
+from fleetlm.plan.formats import WeightFormat, canonical_dtype, kv_dtype_bytes
 from fleetlm.plan.hardware import HardwareSpec
 from fleetlm.plan.kv import kv_cache_num_blocks
 from fleetlm.plan.model_spec import ModelSpec, count_params, layer_params
@@ -71,9 +71,16 @@ def weights_bytes_per_gpu(m: ModelSpec, fmt: WeightFormat | None, layout: Layout
     return math.ceil(worst)
 
 
+def kv_layer_bytes(m: ModelSpec, kv_dtype: str) -> int:
+    """KV bytes of one token in one layer. An ``int8`` cache of per-head rows also holds one
+    fp16 scale per (token, head) for K and for V (fleetlm's layout: fleetlm/quantization/kv.py)."""
+    scales = 0 if m.uses_mla or canonical_dtype(kv_dtype) != "int8" else 2 * m.num_kv_heads * 2
+    return m.kv_values_per_token_layer * kv_dtype_bytes(kv_dtype) + scales
+
+
 def kv_bytes_per_token(m: ModelSpec, kv_dtype: str) -> int:
     """KV bytes of one token over all layers (no sliding-window savings)."""
-    return m.num_layers * m.kv_values_per_token_layer * kv_dtype_bytes(kv_dtype)
+    return m.num_layers * kv_layer_bytes(m, kv_dtype)
 
 
 def kv_bytes_per_seq(m: ModelSpec, seq_len: int, kv_dtype: str, block_size: int = 1) -> int:
@@ -82,7 +89,7 @@ def kv_bytes_per_seq(m: ModelSpec, seq_len: int, kv_dtype: str, block_size: int 
     Sliding-window layers keep only the last ``sliding_window`` tokens (an engine that frees
     out-of-window blocks, as vLLM's hybrid allocator does).
     """
-    per_layer = m.kv_values_per_token_layer * kv_dtype_bytes(kv_dtype)
+    per_layer = kv_layer_bytes(m, kv_dtype)
     full, window = m.tokens_held(seq_len)
     blocks = lambda n: math.ceil(n / block_size) * block_size  # noqa: E731
     n_sliding = m.num_layers - m.num_full_layers

@@ -7,7 +7,10 @@
   32/64/128 input weights, asymmetric, quantized at load;
 - ``w8a8``: int8 weights and dynamic per-token int8 activations (int8 matrix units where the CPU
   has them);
-- ``gguf``: set by the loader for a GGUF file, whose quantized tensors stay quantized.
+- ``dequantize``: a quantized GGUF is dequantized to the model dtype at load (what happened
+  before quantized tensors were kept; a no-op for unquantized checkpoints);
+- without a name, a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors stay quantized (``gguf.py``) when the
+  model dtype is bf16 (fp32, the reference precision, dequantizes).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from fleetlm.quantization.base import QuantConfig
 
 INT4_DEFAULT_GROUP = 64  # divides the input sizes of common small models (576, 1536) where 128 does not
-_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128")
+_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128", "dequantize")
 
 
 def quantization_names() -> tuple[str, ...]:
@@ -27,9 +30,11 @@ def check_quantization(name: str | None) -> None:
         raise ValueError(f"quantization {name!r} is not known; accepted: {', '.join(_NAMES)} (or None)")
 
 
-def get_quant_config(name: str) -> QuantConfig:
+def get_quant_config(name: str) -> QuantConfig | None:
     """The config for a user-facing name; ValueError naming the accepted values otherwise."""
     check_quantization(name)
+    if name == "dequantize":
+        return None
     from fleetlm.quantization.weight_only import Int4Config, Int8Config
 
     if name == "int8":

@@ -43,3 +43,32 @@ class Int8LMHead(ParallelLMHead):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return tensor_model_parallel_all_gather(self._local(hidden), dim=-1)[..., : self.vocab_size]
+
+
+class Int8GroupLMHead(Int8LMHead):
+    """The head of a GGUF whose output matrix (or tied embedding) is Q8_0: its codes and block
+    scales exactly as shipped (``lm_head.qweight`` / ``lm_head.scales``), computed by the
+    group-wise int8 method; the embedding lookup reads the dequantized table."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype,
+                 tie_to: VocabParallelEmbedding | None = None) -> None:
+        from fleetlm.quantization.int8_group import Int8GroupLinearMethod
+
+        super().__init__(vocab_size, hidden_size, dtype=dtype, tie_to=tie_to)
+        if not self.tied:
+            del self.weight
+            self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        self.method = Int8GroupLinearMethod(32)
+        self.method.create_weights(self, hidden_size, self.per_rank, dtype)
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
+
+    def _local(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, hidden, None)
+
+
+def lm_head_class(kind: str) -> type[ParallelLMHead]:
+    """``QuantConfig.lm_head()`` -> the head class: ``int8`` (per row, quantized at load) or
+    ``int8_group`` (GGUF Q8_0 as shipped)."""
+    return {"int8": Int8LMHead, "int8_group": Int8GroupLMHead}[kind]

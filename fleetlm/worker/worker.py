@@ -58,7 +58,8 @@ class Worker:
         model.eval()
         self.runner = ModelRunner(model, block_size=self.args.block_size, device=self.device,
                                   eos_token_ids=files.tokenizer.eos_token_ids,
-                                  attention_backend=self.args.attention_backend)
+                                  attention_backend=self.args.attention_backend,
+                                  kv_cache_dtype=self.args.kv_cache_dtype)
         if self.args.speculative_config is not None:
             from fleetlm.spec_decode.worker_hook import SpecDecodeWorker
 
@@ -93,7 +94,9 @@ class Worker:
     def kv_bytes_per_token(self) -> int:
         """This rank's KV bytes per token: its stage's layers, its KV heads."""
         r = self.runner
-        own = kv_cache_bytes_per_token(len(r.layer_ids), r.num_kv_heads, r.cfg.head_dim, self.dtype.itemsize)
+        fmt = r.backend.kv_format  # a quantized KV cache: its element size and row size
+        head, elem = (r.cfg.head_dim, self.dtype.itemsize) if fmt is None else (fmt.head_size(r.cfg.head_dim), 1)
+        own = kv_cache_bytes_per_token(len(r.layer_ids), r.num_kv_heads, head, elem)
         return own + (r.spec.kv_bytes_per_token() if r.spec is not None else 0)  # a draft's cache shares the blocks
 
     def spec_draft_cost(self) -> float:
