@@ -53,8 +53,9 @@ def check_config(cfg: TrainConfig) -> None:
         _positive(f"parallelism.{key}", getattr(p, key))
     _choice("parallelism.pp_schedule", p.pp_schedule, PP_SCHEDULES)
     parse_checkpointing(p.activation_checkpointing)
-    if p.cp > 1:
-        raise ValueError("parallelism.cp > 1: context parallelism is not implemented yet")
+    from fleetlm.train.context_parallel import check_cp
+
+    check_cp(cfg)
     if p.compile and (p.pp > 1 or p.tp > 1):
         raise ValueError("parallelism.compile is supported with data parallelism only (not with tp or pp)")
     if p.cpu_offload:

@@ -57,5 +57,8 @@ class TrainingLM(nn.Module):
     def decoder_layers(self) -> list[nn.Module]:
         return [self.lm.layers[i] for i in self.lm.layer_range]
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(head_logits(self.lm.lm_head, self.lm(inputs)), targets)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions``: the tokens' positions (context parallelism: global positions of this
+        rank's chunks); None: ``0 .. T-1``."""
+        return next_token_loss(head_logits(self.lm.lm_head, self.lm(inputs, positions)), targets)

@@ -10,7 +10,9 @@ TP rank simply builds its slice and the TP group comes from the training ``Devic
 Mesh: ``("dp_replicate", "dp_shard", "tp")`` (TP innermost, so a TP group is consecutive
 ranks), or ``("pp",)``. DDP (``replicate``) when only ``dp_replicate`` > 1; FSDP2
 (``fully_shard`` per decoder layer, then the root) when ``dp_shard`` > 1, as HSDP over both
-data-parallel dimensions when ``dp_replicate`` > 1 too.
+data-parallel dimensions when ``dp_replicate`` > 1 too. Context parallelism
+(``train/context_parallel.py``): mesh ``("dp_shard", "cp")``; gradients are reduced over both
+(``replicate`` over ``cp``, or ``fully_shard`` over the flattened ``dp_shard_cp``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Layout:
     dp_rank: int
     dp: int
     mesh: object | None = None  # DeviceMesh when world > 1
+    cp_rank: int = 0  # context parallelism (train/context_parallel.py): this rank's place in
+    cp: int = 1  # its CP group, which splits every sequence of the data-parallel rank's batch
+    dp_cp_mesh: object | None = None  # CP: the flattened dp_shard x cp mesh (gradient reduction)
 
     @property
     def is_main(self) -> bool:
@@ -69,6 +74,8 @@ def setup_layout(p: ParallelismSection) -> Layout:
     rank = dist.get_rank()
     if p.pp > 1:
         return Layout(rank, world, 0, 1, init_device_mesh(device, (p.pp,), mesh_dim_names=("pp",)))
+    if p.cp > 1:
+        return _cp_layout(p, rank, world, device)
     mesh = init_device_mesh(device, (p.dp_replicate, p.dp_shard, p.tp),
                             mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
     dp_rank = mesh["dp_replicate"].get_local_rank() * p.dp_shard + mesh["dp_shard"].get_local_rank()
@@ -77,6 +84,17 @@ def setup_layout(p: ParallelismSection) -> Layout:
 
         adopt_tp_group(mesh["tp"].get_group(), mesh["tp"].get_local_rank(), p.tp)
     return Layout(rank, world, dp_rank, p.dp, mesh)
+
+
+def _cp_layout(p: ParallelismSection, rank: int, world: int, device: str) -> Layout:
+    """Mesh ``("dp_shard", "cp")`` (CP innermost: a CP group is consecutive ranks) plus the
+    flattened ``dp_shard_cp`` dimension the data-parallel wrapper reduces gradients over."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device, (p.dp_shard, p.cp), mesh_dim_names=("dp_shard", "cp"))
+    flat = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return Layout(rank, world, mesh["dp_shard"].get_local_rank(), p.dp, mesh,
+                  mesh["cp"].get_local_rank(), p.cp, flat)
 
 
 def check_model_fits(p: ParallelismSection, num_heads: int, num_kv_heads: int, num_layers: int,
@@ -116,6 +134,13 @@ def apply_compile(layers: list[nn.Module]) -> None:
 def apply_data_parallel(root: nn.Module, layers: list[nn.Module], p: ParallelismSection,
                         prec: PrecisionSection, layout: Layout) -> None:
     """FSDP2 (or HSDP) per layer then the root, or DDP, over the mesh's data-parallel dims."""
+    if p.cp > 1 and p.dp_shard == 1:  # CP alone: gradients averaged over the CP ranks
+        from torch.distributed._composable import replicate
+
+        if prec.param_dtype != "float32":
+            raise ValueError("precision.param_dtype bfloat16 needs FSDP (parallelism.dp_shard > 1)")
+        replicate(root, device_mesh=layout.mesh["cp"])
+        return
     if p.dp == 1:
         if prec.param_dtype != "float32":
             raise ValueError("precision.param_dtype bfloat16 needs FSDP (parallelism.dp_shard > 1)")
@@ -134,8 +159,10 @@ def apply_data_parallel(root: nn.Module, layers: list[nn.Module], p: Parallelism
     # the head returns a view (the vocabulary's padding sliced off); nothing writes into it
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
-    dims = ("dp_replicate", "dp_shard") if p.dp_replicate > 1 else ("dp_shard",)
-    mesh = layout.mesh[dims]
+    if p.cp > 1:  # FSDP x CP: shards and gradient reduction over dp_shard x cp
+        mesh = layout.dp_cp_mesh
+    else:
+        mesh = layout.mesh[("dp_replicate", "dp_shard") if p.dp_replicate > 1 else ("dp_shard",)]
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[prec.param_dtype], reduce_dtype=DTYPES[prec.reduce_dtype])
     for i, layer in enumerate(layers):
         # the last layer's params are needed again at once by backward: keep them gathered

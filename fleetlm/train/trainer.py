@@ -93,6 +93,8 @@ class Trainer:
 
             pipe = build_pipeline(model, p, self.layout)
             return pipe.stage_module, pipe
+        if p.cp > 1:
+            self._install_cp(model)
         root = TrainingLM(model)
         match_low_precision_buffers(root, prec)
         apply_activation_checkpointing(root.decoder_layers, p.activation_checkpointing)
@@ -100,6 +102,15 @@ class Trainer:
             apply_compile(root.decoder_layers)
         apply_data_parallel(root, root.decoder_layers, p, prec, self.layout)
         return root, None
+
+    def _install_cp(self, model: nn.Module) -> None:
+        from fleetlm.train.context_parallel import CPShard, install_cp_attention
+
+        if getattr(self.tm.config, "moe", None) is not None:
+            raise ValueError("training a mixture-of-experts model with context parallelism is not supported yet")
+        lay = self.layout
+        self.cp_shard = CPShard(lay.cp_rank, lay.cp)
+        install_cp_attention(model, self.cp_shard, lay.mesh["cp"].get_group())
 
     # -- one step ---------------------------------------------------------------------------------
     def _micro_losses(self, step: int) -> torch.Tensor:
@@ -109,6 +120,10 @@ class Trainer:
             batch = self.dataset.rows(plan.first(step, a, self.layout.dp_rank), plan.micro_batch)
             if self.pipe is not None:
                 loss = self.pipe.step(batch.inputs, batch.targets, plan.accumulation)
+            elif self.layout.cp > 1:  # this rank's chunks of every sequence, at their global positions
+                sh = self.cp_shard
+                loss = self.root(sh.split(batch.inputs), sh.split(batch.targets), sh.positions(batch.inputs.shape[1]))
+                (loss / plan.accumulation).backward()
             else:
                 loss = self.root(batch.inputs, batch.targets)
                 (loss / plan.accumulation).backward()
@@ -118,7 +133,8 @@ class Trainer:
 
     def _mean_loss(self, total: torch.Tensor) -> float:
         """The step's loss averaged over micro-batches and data-parallel ranks (TP ranks hold
-        the same value; under PP the last stage has it and tells the others)."""
+        the same value; under PP the last stage has it and tells the others; CP ranks hold
+        equally many tokens, so their mean is the mean over the whole sequences)."""
         loss = total / self.plan.accumulation
         if self.layout.world == 1:
             return float(loss)
