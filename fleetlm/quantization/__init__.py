@@ -18,7 +18,7 @@ from __future__ import annotations
 from fleetlm.quantization.base import QuantConfig
 
 INT4_DEFAULT_GROUP = 64  # divides the input sizes of common small models (576, 1536) where 128 does not
-_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128", "dequantize")
+_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128", "w8a8", "dequantize")
 
 
 def quantization_names() -> tuple[str, ...]:

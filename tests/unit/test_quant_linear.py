@@ -160,3 +160,44 @@ def _tp_run(rank: int, port: int) -> None:
 
 def test_tp2_ranks_quantize_their_own_slices():
     torch.multiprocessing.spawn(_tp_run, args=(_port(),), nprocs=TP, join=True)
+
+
+# -- W8A8 -------------------------------------------------------------------------------------------
+def test_w8a8_int_matmul_equals_dequantized_operands():
+    """Prefill rows take the int8 x int8 path: exactly (q_x s_x) @ (q_w s_w).T up to fp32 rounding
+    of the epilogue (int32 accumulation is exact)."""
+    from fleetlm.quantization.w8a8 import W8A8LinearMethod, quantize_rows
+
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(48, 96, generator=g), torch.randn(40, 96, generator=g)
+    layer = _layer(W8A8LinearMethod(True), 48, 96, torch.float32, w)
+    xq, sx = quantize_rows(x)
+    ref = F.linear(xq.float() * sx, layer.linear_method.dequantized(layer))
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-4)
+    assert (layer(x) - F.linear(x, w)).abs().max() / F.linear(x, w).abs().max() < 0.03  # W8A8's own error
+
+
+def test_w8a8_without_int8_units_falls_back_to_weight_only(monkeypatch):
+    from fleetlm.quantization import w8a8
+
+    monkeypatch.setattr(w8a8, "int8_matrix_units", lambda: ())
+    method = w8a8.W8A8Config().linear_method("x")
+    assert not method.use_int8_units
+    g = torch.Generator().manual_seed(6)
+    w, x = torch.randn(48, 96, generator=g), torch.randn(40, 96, generator=g)
+    layer, ref = _layer(method, 48, 96, torch.float32, w), _layer(Int8LinearMethod(), 48, 96, torch.float32, w)
+    torch.testing.assert_close(layer(x), ref(x))  # the same codes, the weight-only kernel
+
+
+def test_int8_units_read_from_cpuinfo_flags(monkeypatch, tmp_path):
+    from fleetlm.quantization import w8a8
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+    w8a8.int8_matrix_units.cache_clear()
+    try:
+        assert w8a8.int8_matrix_units() == ("avx512_vnni",)
+    finally:
+        w8a8.int8_matrix_units.cache_clear()
