@@ -92,7 +92,8 @@ class EagleHead(nn.Module):
     def __init__(self, cfg: dict, target: ModelConfig, dtype: torch.dtype, max_positions: int, layer_idx: int) -> None:
         super().__init__()
         lcfg = replace(target, intermediate_size=cfg["intermediate_size"], rms_norm_eps=cfg["rms_norm_eps"],
-                       rope_theta=cfg["rope_theta"], attention_bias=False)
+                       rope_theta=cfg["rope_theta"], attention_bias=False,
+                       quantization=None)  # the head is plain (the target may be kept quantized)
         h = target.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=bool(cfg.get("fc_bias")), dtype=dtype)
         rope = RotaryEmbedding(lcfg.head_dim, max_positions, lcfg.rope_theta, lcfg.rope_scaling, dtype)

@@ -1,0 +1,94 @@
+"""Tree vs chain verification for EAGLE and Medusa at batch 1 on SmolLM2-135M-Instruct (issue 9).
+
+Each prompt goes alone through every engine in turn (interleaved, so load drift hits all alike):
+no speculation, then {medusa, eagle} x {chain of k, default tree of depth k}, adaptive rule off
+(every decode step verifies its drafts). Per engine: decode tok/s (first -> last token), mean
+acceptance length (tokens per verification step), and ms per verification step (decode time /
+verification steps: the step-cost side, meaningful even with random heads). Heads: trained ones
+from --heads-dir if present (``medusa/`` and ``eagle/`` with model.safetensors), else random.
+
+  flock /tmp/fleetlm-bench.lock python benchmarks/spec_tree.py --out benchmarks/spec_tree.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from spec_decode import CHAT, COPY, _reset_spec  # noqa: E402
+
+from fleetlm import LLM, SamplingParams  # noqa: E402
+
+
+def head_dir(method: str, heads_dir: Path, base: LLM) -> tuple[str, str]:
+    """(directory, 'trained' | 'random')."""
+    from fleetlm.spec_decode.heads import random_eagle_head, random_medusa_heads
+
+    trained = heads_dir / method
+    if (trained / "model.safetensors").exists() and (trained / "config.json").exists():
+        return str(trained), "trained"
+    tmp, cfg = Path(tempfile.gettempdir()), base.engine.model_config
+    make = random_eagle_head if method == "eagle" else random_medusa_heads
+    return str(make(tmp / f"fleetlm-tree-{method}", cfg)), "random"
+
+
+def run(llms: dict[str, LLM], prompts: list[str], max_tokens: int) -> dict[str, dict]:
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens)
+    for llm in llms.values():
+        llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        _reset_spec(llm)
+    tokens, seconds = dict.fromkeys(llms, 0), dict.fromkeys(llms, 0.0)
+    for p in prompts:
+        for name, llm in llms.items():
+            (o,) = llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)
+            tokens[name] += len(o.outputs[0].token_ids) - 1
+            seconds[name] += o.metrics.last_token_time - o.metrics.first_token_time
+    out = {}
+    for name, llm in llms.items():
+        r = {"decode_tok_s": round(tokens[name] / seconds[name], 2), "tokens": tokens[name]}
+        spec = llm.engine.core.scheduler.spec
+        steps = tokens[name]
+        if spec is not None:
+            s = spec.stats
+            steps = max(1, s.num_drafts)
+            r.update(acceptance_length=round(s.mean_acceptance_length, 3), acceptance_rate=round(s.acceptance_rate, 3),
+                     verify_steps=s.num_drafts, drafted_tokens_per_step=spec.config.max_draft_tokens)
+        r["ms_per_step"] = round(1000 * seconds[name] / steps, 2)
+        out[name] = r
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--workloads", default="chat,copy")
+    ap.add_argument("--methods", default="medusa,eagle")
+    ap.add_argument("--heads-dir", default="/tmp/fleetlm-heads")
+    ap.add_argument("--out", default="benchmarks/spec_tree.json")
+    args = ap.parse_args()
+    base = LLM(kv_cache_memory=256 << 20)
+    llms: dict[str, LLM] = {"off": base}
+    heads = {}
+    for m in args.methods.split(","):
+        path, kind = head_dir(m, Path(args.heads_dir), base)
+        heads[m] = {"path": path, "kind": kind}
+        for shape in ("chain", "tree"):
+            cfg = {"method": m, "model": path, "num_speculative_tokens": args.k, "adaptive": False,
+                   "verification": shape}
+            llms[f"{m}-{shape}"] = LLM(kv_cache_memory=256 << 20, speculative_config=cfg)
+    results = {"k": args.k, "max_tokens": args.max_tokens, "heads": heads}
+    for w in args.workloads.split(","):
+        results[w] = run(llms, CHAT if w == "chat" else COPY, args.max_tokens)
+        for name, r in results[w].items():
+            print(f"{w:5s} {name:13s} {r}", flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
