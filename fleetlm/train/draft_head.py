@@ -63,10 +63,12 @@ class DraftHeadConfig:
     num_layers: int = 1  # medusa
     ce_weight: float = 0.1  # eagle
     feature_noise: float = 0.05  # eagle
+    teacher_topk: int = 8  # the target's top-K per position kept as the distillation target
     eval_fraction: float = 0.05
     seed: int = 0
     max_num_seqs: int = 32
     init_from: str | None = None
+    corpus_cache: str | None = None  # a .pt file for the answers and features (reused across methods)
     exclude_prompts: tuple[str, ...] = field(default=(), repr=False)
     log_every: int = 10
 
@@ -76,7 +78,7 @@ class DraftHeadConfig:
             raise ValueError(f"draft-head: unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"draft-head: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for name in ("num_prompts", "max_new_tokens", "steps", "batch_size", "num_heads", "num_layers"):
+        for name in ("num_prompts", "max_new_tokens", "steps", "batch_size", "num_heads", "num_layers", "teacher_topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"draft-head: {name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0 or self.lr <= 0 or not 0 <= self.eval_fraction < 1:
@@ -123,17 +125,17 @@ def _lr_lambda(cfg: DraftHeadConfig):
     return f
 
 
-def _loss(cfg: DraftHeadConfig, head, target, batch, gen=None):
+def _loss(cfg: DraftHeadConfig, head, target, batch, gen=None, vocab=None):
     if cfg.method == "eagle":
-        return hm.eagle_loss(head, target, batch, cfg.ce_weight, cfg.feature_noise, gen)
-    return hm.medusa_loss(head, target, batch)
+        return hm.eagle_loss(head, target, batch, cfg.ce_weight, cfg.feature_noise, gen, vocab)
+    return hm.medusa_loss(head, target, batch, vocab)
 
 
 class DraftHeadTrainer:
     """The head, its optimizer and the features; ``step()`` runs one optimizer step."""
 
     def __init__(self, cfg: DraftHeadConfig, target: data.Target, samples: list[data.Sample],
-                 feats: list[torch.Tensor]) -> None:
+                 feats: list[torch.Tensor], tops: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.cfg, self.target = cfg, target
         self.head, self.head_cfg = _init(cfg, target)
         n_eval = int(len(samples) * cfg.eval_fraction)
@@ -142,6 +144,8 @@ class DraftHeadTrainer:
         if not self.train_idx:
             raise ValueError(f"draft-head: no training samples left ({len(samples)} generated, {n_eval} held out)")
         self.samples, self.feats = samples, feats
+        self.tops = tops if tops is not None else target.teacher_topk(feats, cfg.teacher_topk)
+        self.vocab = hm.Vocab.build(target, [t[0] for t in self.tops])
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
         self.rng = random.Random(cfg.seed)
@@ -156,11 +160,11 @@ class DraftHeadTrainer:
                 self.order = self.train_idx[:]
                 self.rng.shuffle(self.order)
             idx.append(self.order.pop())
-        return hm.collate([self.samples[i] for i in idx], [self.feats[i] for i in idx])
+        return hm.collate([self.samples[i] for i in idx], [self.feats[i] for i in idx], [self.tops[i] for i in idx])
 
     def step(self) -> dict[str, float]:
         self.head.train()
-        loss, m = _loss(self.cfg, self.head, self.target, self._next(), self.gen)
+        loss, m = _loss(self.cfg, self.head, self.target, self._next(), self.gen, self.vocab)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.max_grad_norm))
@@ -171,7 +175,8 @@ class DraftHeadTrainer:
 
     @torch.no_grad()
     def evaluate(self, idx: list[int] | None = None) -> dict[str, float]:
-        """Token-weighted mean of every metric over ``idx`` (default: the held-out samples), no noise."""
+        """Token-weighted mean of every metric over ``idx`` (default: the held-out samples): no
+        noise, the full vocabulary and the target's full distribution."""
         idx = self.eval_idx if idx is None else idx
         self.head.eval()
         sums: dict[str, float] = {}
@@ -196,6 +201,39 @@ def _log(msg: str) -> None:
     print(f"[draft-head] {msg}", flush=True)
 
 
+def _corpus(cfg: DraftHeadConfig, serve: data.Target, say) -> tuple[list[data.Sample], list[torch.Tensor], list]:
+    """The target's answers and features; with ``corpus_cache`` they are read from (or written
+    to) that file, keyed by every setting they depend on (a stale file is regenerated)."""
+    key = {k: getattr(cfg, k) for k in ("target", "data", "num_prompts", "max_new_tokens", "temperature",
+                                        "dtype", "seed", "exclude_prompts")}
+    key = json.loads(json.dumps(key))
+    path = Path(cfg.corpus_cache) if cfg.corpus_cache else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] == json.dumps(key, sort_keys=True):
+            say(f"answers and features from {path}")
+            samples = [data.Sample(tuple(t), p) for t, p in zip(saved["tokens"], saved["prompt_lens"])]
+            tops = saved.get("tops")
+            if tops is None or tops[0][0].shape[-1] != cfg.teacher_topk:
+                tops = serve.teacher_topk(saved["feats"], cfg.teacher_topk)
+                torch.save({**saved, "tops": tops}, path)
+            return samples, saved["feats"], tops
+        say(f"{path} holds another corpus: regenerating")
+    prompts = data.load_prompts(cfg.data, cfg.num_prompts, cfg.seed, cfg.exclude_prompts)
+    say(f"{len(prompts)} prompts; generating up to {cfg.max_new_tokens} tokens each with {cfg.target}")
+    samples = data.generate_samples(cfg.target, prompts, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, seed=cfg.seed, dtype=cfg.dtype,
+                                    max_num_seqs=cfg.max_num_seqs)
+    say(f"features of {sum(len(s.tokens) for s in samples)} tokens")
+    feats = serve.features(samples)
+    tops = serve.teacher_topk(feats, cfg.teacher_topk)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": json.dumps(key, sort_keys=True), "tokens": [list(s.tokens) for s in samples],
+                    "prompt_lens": [s.prompt_len for s in samples], "feats": feats, "tops": tops}, path)
+    return samples, feats, tops
+
+
 def train_draft_head(cfg: DraftHeadConfig, progress: bool = True) -> DraftHeadResult:
     cfg.check()
     say = _log if progress else (lambda _m: None)
@@ -204,19 +242,15 @@ def train_draft_head(cfg: DraftHeadConfig, progress: bool = True) -> DraftHeadRe
     if cfg.init_from:  # refuse a head of another method or target before generating anything
         old_cfg, _ = read_head(cfg.init_from, METHODS[cfg.method])
         check_target(old_cfg, serve.model, cfg.init_from)
-    prompts = data.load_prompts(cfg.data, cfg.num_prompts, cfg.seed, cfg.exclude_prompts)
-    say(f"{len(prompts)} prompts; generating up to {cfg.max_new_tokens} tokens each with {cfg.target}")
-    samples = data.generate_samples(cfg.target, prompts, max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.temperature, seed=cfg.seed, dtype=cfg.dtype,
-                                    max_num_seqs=cfg.max_num_seqs)
+    samples, feats, tops = _corpus(cfg, serve, say)
     t1 = time.perf_counter()
-    feats = serve.features(samples)
     del serve
     target = data.load_target(cfg.target, torch.float32)
-    t2 = time.perf_counter()
+    t2 = t1
     n_answer = sum(len(s.tokens) - s.prompt_len for s in samples)
-    say(f"{len(samples)} samples, {n_answer} answer tokens; generation {t1 - t0:.0f}s, features {t2 - t1:.0f}s")
-    tr = DraftHeadTrainer(cfg, target, samples, feats)
+    say(f"{len(samples)} samples, {n_answer} answer tokens; answers and features in {t1 - t0:.0f}s")
+    tr = DraftHeadTrainer(cfg, target, samples, feats, tops)
+    say(f"training vocabulary: {len(tr.vocab.ids)} tokens (the target's top-{cfg.teacher_topk} over the corpus)")
     history = []
     for _ in range(cfg.steps):
         m = tr.step()
@@ -226,12 +260,12 @@ def train_draft_head(cfg: DraftHeadConfig, progress: bool = True) -> DraftHeadRe
     t3 = time.perf_counter()
     ev = tr.evaluate()
     say("held-out: " + " ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-    meta = {"config": {k: v for k, v in asdict(cfg).items() if k != "exclude_prompts"},
+    meta = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("exclude_prompts", "corpus_cache")},
             "num_samples": len(samples), "num_answer_tokens": n_answer, "eval": ev}
     out = tr.save(cfg.out, meta)
     say(f"saved {cfg.method} head to {out}")
     return DraftHeadResult(out, history, ev, len(samples), n_answer,
-                           {"generate": t1 - t0, "features": t2 - t1, "train": t3 - t2})
+                           {"corpus": t1 - t0, "train": t3 - t2})
 
 
 def config_json(result: DraftHeadResult) -> str:

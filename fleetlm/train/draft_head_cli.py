@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 
 from fleetlm.models.hub import DEFAULT_MODEL
 
@@ -27,6 +28,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "num_layers": (int, "medusa: residual blocks per head"),
     "ce_weight": (float, "eagle: weight of the token cross-entropy next to the feature regression"),
     "feature_noise": (float, "eagle: uniform noise on input features, times their std"),
+    "teacher_topk": (int, "the target's top-K per position kept as the distillation target; training logits "
+                     "cover the union of these tokens"),
     "eval_fraction": (float, "samples held out for the final evaluation"),
     "seed": (int, "seeds prompts, sampling, initialisation and batch order"),
     "max_num_seqs": (int, "concurrent requests while the target answers"),
@@ -47,6 +50,9 @@ def add_draft_head_command(sub) -> None:
                    help="prompt sources: chat (bundled), stdlib (explain-this-code over the standard library), "
                         ".txt (one prompt a line) or .jsonl ({\"prompt\": ...}) files")
     p.add_argument("--init-from", help="continue from this head (same method and target)")
+    p.add_argument("--corpus-cache", help="a .pt file for the target's answers and features: written on the first "
+                   "run, reused by later ones with the same data settings (e.g. an EAGLE and a Medusa run)")
+    p.add_argument("--exclude-prompts", help="a .txt file of prompts never to train on (held-out benchmark prompts)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     for name, (typ, help_) in _FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name],
@@ -55,10 +61,13 @@ def add_draft_head_command(sub) -> None:
 
 
 def run_draft_head(args: argparse.Namespace) -> int:
+    from fleetlm.train import draft_head_data as data
     from fleetlm.train.draft_head import DraftHeadConfig, config_json, train_draft_head
 
     cfg = DraftHeadConfig(method=args.method, target=args.target, out=args.out, data=tuple(args.data),
-                          init_from=args.init_from, **{k: getattr(args, k) for k in _FLAGS})
+                          init_from=args.init_from, corpus_cache=args.corpus_cache,
+                          exclude_prompts=tuple(data.file_prompts(Path(args.exclude_prompts))) if args.exclude_prompts else (),
+                          **{k: getattr(args, k) for k in _FLAGS})
     result = train_draft_head(cfg, progress=not args.quiet)
     print(config_json(result))
     return 0

@@ -152,6 +152,17 @@ class Target:
                 out[i] = h[r, : len(samples[i].tokens)].clone()
         return out  # type: ignore[return-value]
 
+    @torch.no_grad()
+    def teacher_topk(self, feats: Sequence[torch.Tensor], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sample, the target's top-``k`` tokens at every position and their log-probabilities
+        (normalised over the whole vocabulary): ids int32 [len, k], log-probs float32 [len, k]."""
+        out = []
+        for f in feats:
+            logp = torch.log_softmax(self.logits(f.to(self.dtype)), -1)
+            top = logp.topk(k, -1)
+            out.append((top.indices.int(), top.values.float()))
+        return out
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(ids).float()
 

@@ -14,6 +14,9 @@ is), on positions whose predicted token belongs to the target's answer (not the 
 - Medusa: head j on ``f_p`` predicts ``t_{p+2+j}``; cross-entropy to ``softmax(lm_head(f_{p+1+j}))``,
   head j weighted ``0.8 ** j`` (Medusa's decay). Blocks start at zero (each head starts as the
   identity, i.e. the target's own next-token guess), the target's LM head is shared and frozen.
+
+Training computes the distillation over ``Vocab`` (the tokens in the target's top-K anywhere in
+the corpus) with the teacher's top-K renormalised; evaluation over the full vocabulary.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Batch:
     feats: torch.Tensor  # [B, T, H] the target's final normed hidden states (float32)
     lengths: torch.Tensor  # [B]
     prompt_lens: torch.Tensor  # [B]
+    top_ids: torch.Tensor | None = None  # [B, T, K] row q: the target's top-K tokens for t_{q+1}
+    top_logp: torch.Tensor | None = None  # [B, T, K] their log-probabilities
 
     def target_mask(self, offset: int) -> torch.Tensor:
         """[B, T - offset]: position p is trained when token ``p + offset`` exists and is part of
@@ -43,7 +48,28 @@ class Batch:
         return (idx < self.lengths.unsqueeze(1)) & (idx >= self.prompt_lens.unsqueeze(1))
 
 
-def collate(samples: Sequence[Sample], feats: Sequence[torch.Tensor]) -> Batch:
+@dataclass
+class Vocab:
+    """The training vocabulary: every token that is in the target's top-K somewhere in the corpus.
+    Training logits are computed over it only (the LM head's rows ``ids``), the teacher is its
+    top-K renormalised: the LM head is by far the largest cost on a CPU, and tokens the target
+    never ranks in its top-K here carry almost no probability. Evaluation uses the full vocabulary."""
+
+    ids: torch.Tensor  # [S]
+    index: torch.Tensor  # [V] position in ``ids`` (-1: not in it)
+    weight: torch.Tensor  # [S, H] the LM head's rows, float32
+
+    @classmethod
+    def build(cls, target: Target, top_ids: Sequence[torch.Tensor]) -> Vocab:
+        ids = torch.unique(torch.cat([t.reshape(-1).long() for t in top_ids]))
+        index = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
+        index[ids] = torch.arange(len(ids))
+        w = target.model.lm_head.weight[: target.config.vocab_size].detach().float()
+        return cls(ids, index, w[ids].contiguous())
+
+
+def collate(samples: Sequence[Sample], feats: Sequence[torch.Tensor],
+            tops: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Batch:
     t = max(len(s.tokens) for s in samples)
     h = feats[0].shape[-1]
     ids = torch.zeros(len(samples), t, dtype=torch.long)
@@ -51,7 +77,31 @@ def collate(samples: Sequence[Sample], feats: Sequence[torch.Tensor]) -> Batch:
     for i, (s, x) in enumerate(zip(samples, feats)):
         ids[i, : len(s.tokens)] = torch.tensor(s.tokens)
         f[i, : len(s.tokens)] = x
-    return Batch(ids, f, torch.tensor([len(s.tokens) for s in samples]), torch.tensor([s.prompt_len for s in samples]))
+    b = Batch(ids, f, torch.tensor([len(s.tokens) for s in samples]), torch.tensor([s.prompt_len for s in samples]))
+    if tops is not None:
+        k = tops[0][0].shape[-1]
+        b.top_ids = torch.zeros(len(samples), t, k, dtype=torch.long)
+        b.top_logp = torch.zeros(len(samples), t, k)
+        for i, (ti, tl) in enumerate(tops):
+            b.top_ids[i, : len(ti)], b.top_logp[i, : len(tl)] = ti.long(), tl.float()
+    return b
+
+
+def teacher_probs(target: Target, b: Batch, start: int, n: int, mask: torch.Tensor,
+                  vocab: Vocab | None) -> torch.Tensor:
+    """[rows, V or S]: the target's distribution of ``t_{q+1}`` for the masked rows among
+    ``q = start .. start+n-1`` (``mask`` is [B, n])."""
+    if vocab is None:
+        with torch.no_grad():
+            return F.softmax(target.logits(b.feats[:, start : start + n][mask]), -1)
+    p = F.softmax(b.top_logp[:, start : start + n][mask], -1)
+    dense = torch.zeros(p.shape[0], len(vocab.ids))
+    return dense.scatter_(-1, vocab.index[b.top_ids[:, start : start + n][mask]], p)
+
+
+def student_logits(target: Target, h: torch.Tensor, vocab: Vocab | None) -> torch.Tensor:
+    """Logits of the rows ``h`` [rows, H]: the LM head's full vocabulary, or ``vocab``'s rows of it."""
+    return target.logits(h) if vocab is None else F.linear(h, vocab.weight)
 
 
 def eagle_config(target_cfg) -> dict:
@@ -82,21 +132,20 @@ def new_head(method: str, cfg: dict, target_cfg, max_positions: int, seed: int) 
     return head.train()
 
 
-def soft_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean KL divergence from the ``teacher`` logits' softmax to the ``student``'s over masked
-    rows (the cross-entropy less the teacher's entropy: same gradient, 0 at a perfect fit), and
-    the top-1 agreement there (what greedy verification accepts)."""
-    s, t = student[mask], teacher[mask]
-    if s.numel() == 0:
+def soft_kl(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean KL divergence from the ``teacher`` probabilities to the ``student`` logits' softmax
+    over the rows (the cross-entropy less the teacher's entropy: same gradient, 0 at a perfect
+    fit), and the top-1 agreement (what greedy verification accepts). The LM head is the cost
+    on a CPU, so callers pass only the rows that are trained."""
+    if student.numel() == 0:
         zero = student.sum() * 0
         return zero, zero.detach()
-    log_t = F.log_softmax(t, -1)
-    kl = (log_t.exp() * (log_t - F.log_softmax(s, -1))).sum(-1).mean()
-    return kl, (s.argmax(-1) == t.argmax(-1)).float().mean()
+    kl = (torch.special.xlogy(teacher, teacher) - teacher * F.log_softmax(student, -1)).sum(-1).mean()
+    return kl, (student.argmax(-1) == teacher.argmax(-1)).float().mean()
 
 
 def eagle_loss(head: EagleHead, target: Target, b: Batch, ce_weight: float, noise: float,
-               gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               gen: torch.Generator | None = None, vocab: Vocab | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     f = b.feats
     inp = f[:, :-1]
     if noise > 0:
@@ -106,25 +155,23 @@ def eagle_loss(head: EagleHead, target: Target, b: Batch, ce_weight: float, nois
     g = target.norm(head(inp, target.embed(b.ids[:, 1:]), pos))  # g_p for p = 0 .. T-2
     reg_mask = b.target_mask(1)  # regression target f_{p+1}: a feature of the answer's positions
     reg = F.smooth_l1_loss(g[reg_mask], f[:, 1:][reg_mask]) if reg_mask.any() else g.sum() * 0
-    ce_mask = b.target_mask(2)  # g_p predicts t_{p+2}
-    with torch.no_grad():
-        teacher = target.logits(f[:, 1:-1])
-    kl, acc = soft_kl(target.logits(g[:, :-1]), teacher, ce_mask)
+    n, mask = f.shape[1] - 2, b.target_mask(2)  # g_p predicts t_{p+2}: the target's distribution at row p + 1
+    kl, acc = soft_kl(student_logits(target, g[:, :n][mask], vocab), teacher_probs(target, b, 1, n, mask, vocab))
     loss = reg + ce_weight * kl
     return loss, {"loss": loss.item(), "reg": reg.item(), "kl": kl.item(), "top1": acc.item()}
 
 
-def medusa_loss(heads: MedusaHeads, target: Target, b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+def medusa_loss(heads: MedusaHeads, target: Target, b: Batch,
+                vocab: Vocab | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     f = b.feats
-    with torch.no_grad():
-        teacher = target.logits(f)  # row q: the target's distribution of t_{q+1}
     total, out = f.new_zeros(()), {}
     for j in range(len(heads.heads)):
         n = f.shape[1] - 2 - j  # positions p with p + 2 + j < T
         if n <= 0:
             continue
-        student = target.logits(heads.hidden(j, f[:, :n]))
-        kl, acc = soft_kl(student, teacher[:, 1 + j : 1 + j + n], b.target_mask(2 + j))
+        mask = b.target_mask(2 + j)
+        student = student_logits(target, heads.hidden(j, f[:, :n][mask]), vocab)
+        kl, acc = soft_kl(student, teacher_probs(target, b, 1 + j, n, mask, vocab))
         total = total + (0.8 ** j) * kl
         out[f"kl{j}"], out[f"top1_{j}"] = kl.item(), acc.item()
     out["loss"] = total.item()

@@ -73,15 +73,23 @@ def test_features_are_the_targets_final_normed_hidden_states(tiny_model_dir, cor
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
+    """Both heads through the whole pipeline (the second run reuses the first one's corpus cache)."""
     d = tmp_path_factory.mktemp("draft_heads")
-    return {m: train_draft_head(_cfg(m, tiny_model_dir, d / m), progress=False).out for m in ("eagle", "medusa")}
+    return {m: train_draft_head(_cfg(m, tiny_model_dir, d / m, corpus_cache=str(d / "corpus.pt")),
+                                progress=False).out for m in ("eagle", "medusa")}
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(tiny_model_dir):
+    ref = LLM(str(tiny_model_dir), **ENGINE)
+    return [o.outputs[0].token_ids for o in ref.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24),
+                                                         use_tqdm=False)]
 
 
 @pytest.mark.parametrize("method", ["eagle", "medusa"])
-def test_saved_head_loads_and_greedy_output_is_unchanged(method, tiny_model_dir, trained):
-    ref = LLM(str(tiny_model_dir), **ENGINE)
+def test_saved_head_loads_and_greedy_output_is_unchanged(method, tiny_model_dir, trained, greedy_reference):
     sp = SamplingParams(temperature=0, max_tokens=24)
-    want = [o.outputs[0].token_ids for o in ref.generate(PROMPTS, sp, use_tqdm=False)]
+    want = greedy_reference
     spec = {"method": method, "model": str(trained[method]), "num_speculative_tokens": 3, "adaptive": False}
     llm = LLM(str(tiny_model_dir), speculative_config=spec, **ENGINE)
     got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
