@@ -115,6 +115,7 @@ class FusedMoE(nn.Module):
                                    self.intermediate_per_rank, dtype)
         self.stats = ExpertStats(moe.num_experts, self.group_size if self.expert_parallel else 1)
         self.replication = Replicator(self) if self.replica_slots else None
+        self.router_logits: torch.Tensor | None = None
 
     @property
     def output_is_partial(self) -> bool:
@@ -136,7 +137,9 @@ class FusedMoE(nn.Module):
         routing, probs = topk_gate(router_logits, self.top_k, self.moe.norm_topk_prob)
         if self.moe.capacity_factor is not None:
             routing = apply_capacity(routing, probs, self.moe.capacity_factor, self.moe.overflow_policy)
-        if not torch.is_grad_enabled() or not router_logits.requires_grad:
+        if torch.is_grad_enabled() and router_logits.requires_grad:
+            self.router_logits = router_logits  # for the training losses (fleetlm/moe/losses.py)
+        else:
             self.stats.record(routing)
         return routing
 
@@ -158,20 +161,23 @@ class FusedMoE(nn.Module):
         return self.grouped_slots(x, local, weights)
 
     def grouped_slots(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over local expert slots: ``slots`` [N, k] (-1 skipped), one matmul pair
-        per slot's batch of rows."""
+        """Weighted sum over local expert slots: ``slots`` [N, k] (-1 skipped). Assignments are
+        sorted by slot; one matmul pair per slot's batch of rows; the weighted results go back
+        to assignment order in one copy and each token sums its k of them."""
         n_slots, k = self.num_local_experts + self.replica_slots, slots.shape[1]
         local = torch.where(slots >= 0, slots, n_slots).reshape(-1)
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=n_slots + 1)[:n_slots].tolist()
-        tokens = order // k
-        w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
-        out = torch.zeros_like(x)
-        start = 0
+        n_valid = sum(counts)
+        if n_valid == 0:
+            return torch.zeros_like(x)
+        order = order[:n_valid]
+        rows = x[order // k]
+        parts, start = [], 0
         for expert, n in enumerate(counts):
             if n:
-                rows = tokens[start : start + n]
-                y = self.method.apply(self, expert, x[rows]) * w[start : start + n]
-                out.index_add_(0, rows, y)
+                parts.append(self.method.apply(self, expert, rows[start : start + n]))
                 start += n
-        return out
+        y = (parts[0] if len(parts) == 1 else torch.cat(parts)) * weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+        out = x.new_zeros((slots.numel(), x.shape[-1])).index_copy(0, order, y)
+        return out.view(*slots.shape, -1).sum(1)

@@ -20,7 +20,10 @@ import re
 import torch
 from torch import nn
 
-from fleetlm.distributed.communication import tensor_model_parallel_all_reduce
+from fleetlm.distributed.communication import (
+    copy_to_tensor_model_parallel_region,
+    tensor_model_parallel_all_reduce,
+)
 from fleetlm.distributed.parallel_state import parallel_state
 from fleetlm.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from fleetlm.layers.moe import FusedMoE
@@ -54,7 +57,9 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        out = self.experts(x, self.gate(x))
+        # under TP each rank's expert shards see x: their input gradients sum over the group
+        xe = copy_to_tensor_model_parallel_region(x) if self.experts.output_is_partial else x
+        out = self.experts(xe, self.gate(x))
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -146,6 +146,14 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class MoESection:
+    """Router losses of a mixture-of-experts model (fleetlm/moe/losses.py)."""
+
+    aux_loss_coef: float | None = None  # load balancing; None: the model's router_aux_loss_coef
+    z_loss_coef: float = 0.0  # router z-loss
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -157,6 +165,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    moe: MoESection = field(default_factory=MoESection)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:

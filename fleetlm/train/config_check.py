@@ -46,6 +46,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("model.seed and model.tokenizer are for a model from scratch (model.size); "
                          "model.path brings its own weights and tokenizer")
     _choice("data.format", d.format, FORMATS)
+    if cfg.moe.aux_loss_coef is not None:
+        _positive("moe.aux_loss_coef", cfg.moe.aux_loss_coef, zero_ok=True)
+    _positive("moe.z_loss_coef", cfg.moe.z_loss_coef, zero_ok=True)
     _positive("data.seq_len", d.seq_len)
     if not d.paths:
         raise ValueError("data.paths is empty")

@@ -47,11 +47,13 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 class TrainingLM(nn.Module):
-    """``forward(inputs [B, T], targets [B, T])`` -> mean next-token loss."""
+    """``forward(inputs [B, T], targets [B, T])`` -> mean next-token loss (plus, for an MoE,
+    its router losses: ``moe_loss``, fleetlm/moe/losses.py)."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, moe_loss=None) -> None:
         super().__init__()
         self.lm = lm
+        self.moe_loss = moe_loss
 
     @property
     def decoder_layers(self) -> list[nn.Module]:
@@ -61,4 +63,5 @@ class TrainingLM(nn.Module):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """``positions``: the tokens' positions (context parallelism: global positions of this
         rank's chunks); None: ``0 .. T-1``."""
-        return next_token_loss(head_logits(self.lm.lm_head, self.lm(inputs, positions)), targets)
+        loss = next_token_loss(head_logits(self.lm.lm_head, self.lm(inputs, positions)), targets)
+        return loss if self.moe_loss is None else loss + self.moe_loss(self.lm)

@@ -91,11 +91,16 @@ class Trainer:
         if p.pp > 1:
             from fleetlm.train.pipeline import build_pipeline
 
+            if getattr(self.tm.config, "moe", None) is not None:
+                raise ValueError("training a mixture-of-experts model with pipeline parallelism is not supported yet")
+
             pipe = build_pipeline(model, p, self.layout)
             return pipe.stage_module, pipe
+        from fleetlm.moe.losses import moe_loss_for
+
         if p.cp > 1:
             self._install_cp(model)
-        root = TrainingLM(model)
+        root = TrainingLM(model, moe_loss_for(model, self.cfg.moe.aux_loss_coef, self.cfg.moe.z_loss_coef))
         match_low_precision_buffers(root, prec)
         apply_activation_checkpointing(root.decoder_layers, p.activation_checkpointing)
         if p.compile:
