@@ -45,7 +45,7 @@ def test_toml_and_yaml_give_the_same_config(tmp_path):
     (['model.size="tiny"', "optimizer.betas=[0.9]"], "optimizer.betas must have 2 items"),
     (['model.size="tiny"', 'parallelism.pp_schedule="zb"'], "accepted values: gpipe, 1f1b"),
     (['model.size="tiny"', 'parallelism.activation_checkpointing="some"'], "every:K"),
-    (['model.size="tiny"', "parallelism.cp=2"], "context parallelism is not implemented"),
+    (['model.size="tiny"', "parallelism.cp=3"], r"parallelism.cp = 3 needs data.seq_len \(128\) divisible"),
     (['model.size="tiny"', "checkpoint.every=2"], "need checkpoint.dir"),
     (['model.size="tiny"', 'lora.r=4', 'lora.target_modules=["qkv"]'], "target_modules qkv"),
     ([], "exactly one of model.path"),
