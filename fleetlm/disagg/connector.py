@@ -300,4 +300,4 @@ class KVConsumer:
 
 
 def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+    return getattr(torch, name.partition("/")[0])  # "uint8/int8": the cache's storage dtype

@@ -101,7 +101,7 @@ class DisaggFrontend:
     def _check_engine(self, eng) -> None:
         c = self.model_config
         mine = {"architecture": c.architecture, "num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads,
-                "head_dim": c.head_dim, "block_size": self.block_size_fn()}
+                "block_size": self.block_size_fn()}
         for k, v in mine.items():
             if getattr(eng, k) != v:
                 raise bad_request(f"kv transfer handshake failed: producer and consumer disagree on "

@@ -403,11 +403,23 @@ def add_pd_arguments(p) -> None:
             pass
 
 
+def run_pd_cli(args) -> int:
+    """``fleetlm router --pd``: the router's own flags, with ``--prefill`` / ``--decode`` instead of ``--worker``."""
+    from fleetlm.log import configure_logging
+
+    if getattr(args, "worker", None):
+        raise ValueError("--pd takes --prefill and --decode workers, not --worker")
+    config = config_from_args(args)  # ValueError -> exit 2 naming the flag
+    configure_logging()
+    return asyncio.run(run_pd_router(config))
+
+
 def config_from_args(args) -> PDConfig:
     return PDConfig(prefill=tuple(args.prefill), decode=tuple(args.decode), host=args.host, port=args.port,
                     max_retries=args.max_retries, health_interval=args.health_interval,
                     startup_timeout=args.startup_timeout, worker_api_key=args.worker_api_key,
-                    api_keys=tuple(getattr(args, "api_key", ()) or ()))
+                    api_keys=tuple(getattr(args, "api_key", ()) or ()),
+                    read_timeout=getattr(args, "read_timeout", 600.0))
 
 
 if __name__ == "__main__":

@@ -138,9 +138,11 @@ class Worker:
         """What a K/V consumer must agree on with its producer (checked at the handshake)."""
         from fleetlm.disagg.layout import weights_digest
 
-        c = self.runner.cfg
+        c, cache = self.runner.cfg, self.runner.kv_cache
+        kv_dtype = getattr(self.args, "kv_cache_dtype", "auto")  # quantized rows carry their scales inline
+        dtype = str(cache.dtype).removeprefix("torch.") + ("" if kv_dtype == "auto" else f"/{kv_dtype}")
         return {"architecture": c.architecture, "num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads,
-                "head_dim": c.head_dim, "dtype": str(self.dtype).removeprefix("torch."),
+                "head_dim": cache.shape[-1], "dtype": dtype,
                 "block_size": self.args.block_size, "weights_digest": weights_digest(self.runner.model)}
 
     def export_kv(self, block_ids: list[int]) -> tuple[range, range, torch.Tensor]:
