@@ -1,0 +1,43 @@
+"""SmolLM2-135M upcycled to 8 identical experts (top-2, new router): greedy output identical to
+dense SmolLM2 and last-position logits within 1e-5 (fp32), through one process and through
+EP=2 with hot-expert replicas rebalanced mid-load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fleetlm import LLM, SamplingParams
+from fleetlm.moe.upcycle import upcycle
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+SP = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+def _run(model: str, **kw):
+    with LLM(model, dtype="float32", kv_cache_memory=64 << 20, **kw) as llm:
+        outs = llm.generate(PROMPTS, SP, use_tqdm=False)
+        logits = None
+        if kw.get("tensor_parallel_size", 1) == 1:
+            m = llm.engine.core.executor.worker.runner.model
+            ids = torch.tensor([llm.get_tokenizer().encode(PROMPTS[0])])
+            with torch.no_grad():
+                logits = m.compute_logits(m(ids)[0])[-1]
+        return [o.outputs[0].token_ids for o in outs], logits
+
+
+@pytest.fixture(scope="module")
+def upcycled(tmp_path_factory):
+    return upcycle("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2_moe"), num_experts=8, top_k=2)
+
+
+def test_upcycled_smollm2_matches_dense_on_every_routing_path(upcycled):
+    dense_tokens, dense_logits = _run("smollm2-135m-instruct")
+    tokens, logits = _run(str(upcycled))
+    assert tokens == dense_tokens
+    torch.testing.assert_close(logits, dense_logits, rtol=0, atol=1e-5)
+    ep_tokens, _ = _run(str(upcycled), tensor_parallel_size=2, enable_expert_parallel=True,
+                        moe_replica_slots=1, moe_rebalance_interval=2)
+    assert ep_tokens == dense_tokens
