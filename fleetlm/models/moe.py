@@ -57,13 +57,19 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        # under TP each rank's expert shards see x: their input gradients sum over the group
-        xe = copy_to_tensor_model_parallel_region(x) if self.experts.output_is_partial else x
-        out = self.experts(xe, self.gate(x))
+        logits = self.gate(x)
+        if self.experts.output_is_partial:
+            # training under TP: each rank's expert shards compute a part of the output from x and
+            # from the routing weights, so both gradients are summed over the group
+            x_experts, logits = copy_to_tensor_model_parallel_region(x), copy_to_tensor_model_parallel_region(logits)
+        else:
+            x_experts = x
+        out = self.experts(x_experts, logits)
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
+            shared = self.shared_expert(x)  # a partial sum under TP (its input gradient is summed inside)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+                scale = copy_to_tensor_model_parallel_region(torch.sigmoid(self.shared_expert_gate(x)))
+                shared = scale * shared
             if not self.experts.output_is_partial:  # complete expert output: reduce the shared part alone
                 shared = tensor_model_parallel_all_reduce(shared)
             out = out + shared

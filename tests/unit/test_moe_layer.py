@@ -193,3 +193,60 @@ def _capacity_reference(x, logits, w, policy):
 
 def test_tp_and_ep_layouts_match_one_process():
     torch.multiprocessing.spawn(_run, args=(_port(),), nprocs=2, join=True)
+
+
+def _block(moe: MoEConfig, g: torch.Generator):
+    """A Qwen2-MoE-style block (router, experts, shared expert and its gate) from full tensors."""
+    from fleetlm.models.loader import ModelConfig
+    from fleetlm.models.moe import SparseMoeBlock
+
+    cfg = ModelConfig("Qwen2MoeForCausalLM", 16, H, 32, 1, 2, 2, 6, 1e-6, 1e4, 64, False, moe=moe)
+    block = SparseMoeBlock(cfg, moe, torch.float32)
+    w = _weights(g)
+    for e, parts in w.items():
+        for kind, t in parts.items():
+            block.experts.weight_loader(block.experts.w2_weight if kind == "down" else block.experts.w13_weight,
+                                        t, (e, kind))
+    router, sgate = torch.randn(E, H, generator=g), torch.randn(1, H, generator=g)
+    gate, up, down = (torch.randn(8, H, generator=g), torch.randn(8, H, generator=g), torch.randn(H, 8, generator=g))
+    block.gate.weight_loader(block.gate.weight, router)
+    block.shared_expert_gate.weight_loader(block.shared_expert_gate.weight, sgate)
+    block.shared_expert.gate_up_proj.weight_loader(block.shared_expert.gate_up_proj.weight, gate, 0)
+    block.shared_expert.gate_up_proj.weight_loader(block.shared_expert.gate_up_proj.weight, up, 1)
+    block.shared_expert.down_proj.weight_loader(block.shared_expert.down_proj.weight, down)
+    return block.requires_grad_(True)
+
+
+def _grads(rank: int | None) -> dict:
+    g = torch.Generator().manual_seed(3)
+    block = _block(MoEConfig(E, K, INTER, norm_topk_prob=False, shared_expert_intermediate_size=8,
+                             num_shared_experts=1, shared_expert_gate=True), g)
+    x = torch.randn(2, 5, H, generator=g).requires_grad_(True)
+    block(x).pow(2).sum().backward()
+    return {"x": x.grad, "router": block.gate.weight.grad, "out": block(x).detach(),
+            "w2_first": block.experts.w2_weight.grad[0]}
+
+
+def _run_grads(rank: int, port: int, ref: dict) -> None:
+    from fleetlm.distributed.parallel_state import (
+        ParallelConfig,
+        destroy_distributed,
+        init_distributed,
+    )
+
+    torch.set_num_threads(1)
+    init_distributed(ParallelConfig(2, 1), rank, torch.device("cpu"), init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        got = _grads(rank)
+        for name in ("x", "router", "out"):
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+        cols = INTER // 2  # expert 0's down projection: this rank's columns
+        torch.testing.assert_close(got["w2_first"], ref["w2_first"][:, rank * cols : (rank + 1) * cols])
+    finally:
+        destroy_distributed()
+
+
+def test_tp_training_gradients_match_one_process():
+    """Training under TP: the block's input, router and expert-shard gradients equal the slices
+    of the single-process ones (the expert shards' input gradients are summed over the group)."""
+    torch.multiprocessing.spawn(_run_grads, args=(_port(), _grads(None)), nprocs=2, join=True)
