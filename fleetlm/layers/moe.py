@@ -3,7 +3,8 @@
 ``forward(x [T, H], router_logits [T, E])``: softmax top-k gating (renormalised as the model
 says), the capacity rule when one is set (``fleetlm/moe/routing.py``), then the expert compute:
 assignments sorted by expert (one ``argsort``), one gate/up matmul and one down matmul per
-expert over its batch of tokens, and a weighted ``index_add`` back into token order.
+expert over its batch of tokens, the weighted results copied back to assignment order and
+summed per token.
 
 Layouts over the tensor-parallel group (``tp`` ranks):
 
@@ -14,7 +15,9 @@ Layouts over the tensor-parallel group (``tp`` ranks):
   ``[r E/tp, (r+1) E/tp)`` whole. Dispatch ``all_to_all``: each rank routes its ``1/tp`` slice of
   the (replicated) tokens to the experts' owners and back, then the slices are all-gathered
   (``fleetlm/moe/dispatch.py``; the output is complete). Dispatch ``all_reduce``: each rank
-  computes its experts for every token and the partial sums are reduced like TP.
+  computes its experts for every token and the partial sums are reduced like TP. Spare slots
+  hold copies of hot experts (``moe_replica_slots``; ``fleetlm/moe/rebalance.py``). Expert
+  parallelism is a serving layout: a forward that records gradients under it is refused.
 
 Expert weights are created and applied by an *MoE method* (``UnquantizedMoEMethod``: stacked
 ``w13_weight [E_local, 2 I, H]`` (gate rows, then up rows) and ``w2_weight [E_local, H, I]``), so
@@ -144,6 +147,9 @@ class FusedMoE(nn.Module):
         return routing
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.expert_parallel and torch.is_grad_enabled() and (x.requires_grad or router_logits.requires_grad):
+            raise ValueError("expert parallelism is a serving layout: its dispatch records no gradients "
+                             "(train MoE models with tensor or data parallelism)")
         if self.replication is not None:
             self.replication.step()
         routing = self.route(router_logits)
