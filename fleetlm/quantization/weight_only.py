@@ -23,7 +23,7 @@ class Int8Config(QuantConfig):
 
 @dataclass(frozen=True)
 class Int4Config(QuantConfig):
-    group_size: int = 64
+    group_size: int = 32
     name: str = "int4"
 
     def linear_method(self, prefix: str) -> LinearMethod:
