@@ -89,21 +89,24 @@ def eagle_tree(proposer, items: list[ProposeItem], first: list[Run], first_feats
         live = [i for i, g in enumerate(grows) if g.max_depth > d]
         if not live:
             break
+        parents = sorted({tree.parents[j] for j in range(tree.num_nodes(d), tree.num_nodes(d + 1))})
         outs = _head_pass(proposer, tree, [grows[i] for i in live], [node_feats[i] for i in live])
-        want = tree.ranks_at(d + 1)
-        for i, (lg, ft) in zip(live, outs):
-            g, n = grows[i], len(grows[i].nodes)
-            picks = lg.topk(want, dim=-1).indices.tolist()  # per node drafted so far
-            for j in range(n, tree.num_nodes(d + 1)):  # the children of this depth's nodes
-                g.nodes.append(picks[tree.parents[j]][tree.paths[j][-1]])
+        # the LM head only on the nodes that get children at depth d + 1
+        rows = torch.tensor(parents, device=outs[0].device)
+        logits = proposer.runner.model.compute_logits(torch.cat([ft.index_select(0, rows) for ft in outs]))
+        picks = logits.topk(tree.ranks_at(d + 1), dim=-1).indices.tolist()
+        for r, (i, ft) in enumerate(zip(live, outs)):
+            g, at = grows[i], {p: r * len(parents) + x for x, p in enumerate(parents)}
+            for j in range(len(g.nodes), tree.num_nodes(d + 1)):  # the children of this depth's nodes
+                g.nodes.append(picks[at[tree.parents[j]]][tree.paths[j][-1]])
             node_feats[i] = torch.cat([feats[i : i + 1], ft])
     return {it.req_id: g.nodes for it, g in zip(items, grows)}
 
 
-def _head_pass(proposer, tree: DraftTree, grows: list[_Grow], feats: list[torch.Tensor]):
+def _head_pass(proposer, tree: DraftTree, grows: list[_Grow], feats: list[torch.Tensor]) -> list[torch.Tensor]:
     """The head over every node drafted so far of each request (tree mask, depth positions).
     ``feats[i]`` holds the root's output then each node's; a node's input feature is its
-    parent's output. Returns per request (logits, outputs) of its nodes."""
+    parent's output. Returns per request the head's (normed) outputs of its nodes."""
     runner, model = proposer.runner, proposer.runner.model
     bs = runner.block_size
     order = sorted(range(len(grows)), key=lambda i: len(grows[i].nodes) != 1)
@@ -129,9 +132,8 @@ def _head_pass(proposer, tree: DraftTree, grows: list[_Grow], feats: list[torch.
     pos = torch.from_numpy(np.concatenate(positions)).to(dev)
     with forward_context(ForwardContext(runner.backend, meta, proposer.kv_caches)):
         out = model.model.norm(proposer.head(torch.cat(inputs), model.model.embed_tokens(ids), pos))
-    logits = model.compute_logits(out)
     ends = np.cumsum(q)
     res = [None] * len(grows)
     for r, i in enumerate(order):
-        res[i] = (logits[ends[r] - q[r] : ends[r]], out[ends[r] - q[r] : ends[r]])
+        res[i] = out[ends[r] - q[r] : ends[r]]
     return res
