@@ -59,9 +59,10 @@ def test_cp2_equals_one_process(reference, tok_dir, tmp_path):
 
 def test_fsdp_x_cp_on_four_ranks_equals_one_process(reference, tok_dir, tmp_path):
     """2-D mesh (dp_shard=2, cp=2): two sequences per data-parallel rank, each split over 2
-    CP ranks; FSDP2 shards over the flattened dp_shard x cp mesh."""
-    got = run_ranks(4, ["training.micro_batch=2", "parallelism.dp_shard=2", tok_dir, checkpoint_dir(tmp_path)]
-                    + CP, tmp_path)
+    CP ranks; FSDP2 shards over the flattened dp_shard x cp mesh; every other layer is
+    recomputed in backward (its K/V all-gather with it)."""
+    got = run_ranks(4, ["training.micro_batch=2", "parallelism.dp_shard=2", tok_dir, checkpoint_dir(tmp_path),
+                        'parallelism.activation_checkpointing="every:2"'] + CP, tmp_path)
     assert_same(reference, got)
     assert_resumes_at_one_process(reference, tok_dir, tmp_path)
 
@@ -106,3 +107,14 @@ def test_bad_cp_layout_is_refused_before_any_step(override, match):
 
     with pytest.raises(ValueError, match=match):
         load_config(None, ['model.size="tiny"', "data.seq_len=32", "parallelism.cp=2"] + override)
+
+
+def test_bad_cp_on_the_command_line_exits_2_naming_it():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fleetlm.entrypoints.cli", "train", "--set", 'model.size="tiny"',
+                        "--set", "parallelism.cp=2", "--set", "data.seq_len=30"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "parallelism.cp = 2 needs data.seq_len (30) divisible by 2 x cp = 4" in r.stderr
