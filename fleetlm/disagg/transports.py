@@ -20,6 +20,7 @@ import datetime
 import socket
 import threading
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -103,7 +104,9 @@ class TcpTransport(Transport):
     def receive(self, info: dict, frames: list, nbytes: int) -> torch.Tensor:
         t0 = time.perf_counter()
         buf = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
-        out = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        with warnings.catch_warnings():  # read-only is fine: the consumer only copies out of it
+            warnings.simplefilter("ignore", UserWarning)
+            out = torch.frombuffer(buf, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         if out.numel() != nbytes:
             raise RuntimeError(f"tcp transport: expected {nbytes} bytes, got {out.numel()}")
         self.stats.add(nbytes, time.perf_counter() - t0)

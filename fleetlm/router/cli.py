@@ -14,6 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", "-w", action="append", default=[], metavar="URL[,KV_EVENTS_ENDPOINT]",
                    help="a fleetlm serve replica, e.g. http://10.0.0.5:8000 (repeat); with precise prefix "
                         "routing add its KV events endpoint after a comma: http://h:8000,tcp://h:5557")
+    p.add_argument("--pd", action="store_true", help="disaggregated prefill/decode (docs/DISAGG.md): --prefill and "
+                   "--decode workers instead of --worker (fleetlm/router/pd.py)")
+    p.add_argument("--prefill", action="append", default=[], metavar="URL", help="--pd: a prefill worker (repeat)")
+    p.add_argument("--decode", action="append", default=[], metavar="URL", help="--pd: a decode worker (repeat)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--policy", default="round_robin",
@@ -87,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
     from fleetlm.log import configure_logging
     from fleetlm.router.server import run_router
 
+    if args.pd:  # disaggregated prefill/decode: its own small router (fleetlm/router/pd.py)
+        from fleetlm.router.pd import run_pd_cli
+
+        return run_pd_cli(args)
+    if args.prefill or args.decode:
+        raise ValueError("--prefill and --decode need --pd")
     config = build_config(args)  # ValueError -> exit 2 naming the flag
     configure_logging()
     raise_fd_limit(10_500)  # two sockets per stream: 5,000 streams and spare
