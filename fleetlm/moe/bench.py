@@ -74,7 +74,7 @@ def summarize(r: MoEReport, wall_s: float, steps: int, tokens: int) -> dict:
             "max_imbalance": max(per_layer), "mean_imbalance": sum(per_layer) / len(per_layer),
             "dropped": sum(r.dropped), "rerouted": sum(r.rerouted), "replicas": [list(x) for x in r.replicas],
             "rank_tokens": [list(t) for t in r.rank_tokens],
-            "rank_imbalance": [imbalance(t) for t in r.rank_tokens if len(t) > 1]}
+            "rank_imbalance": [imbalance(t) for t in r.rank_tokens if len(t) > 1 and sum(t)]}
 
 
 def _print(res: dict) -> None:
