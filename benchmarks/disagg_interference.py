@@ -2,7 +2,7 @@
 
 - co-located: one ``fleetlm serve`` on both cores (``taskset -c 0,1``, 2 threads);
 - disaggregated: a prefill worker on core 0 and a decode worker on core 1 (one thread each,
-  ``--kv-transfer-config`` producer / consumer, tcp), behind ``python -m fleetlm.router.pd``.
+  ``--kv-transfer-config`` producer / consumer, tcp), behind ``fleetlm router --pd``.
 
 The 8 streams (short prompts, ``ignore_eos``) start first; after a warm-up, prompts of
 ``--prompt-tokens`` random token ids (no prefix hits) arrive every ``--interval`` seconds for
@@ -108,7 +108,7 @@ def disaggregated(args) -> dict:
     p.cmd, d.cmd = ["taskset", "-c", "0", *p.cmd], ["taskset", "-c", "1", *d.cmd]
     with p, d:
         port = free_port()
-        router = subprocess.Popen([sys.executable, "-m", "fleetlm.router.pd", "--port", str(port),
+        router = subprocess.Popen([sys.executable, "-m", "fleetlm.entrypoints.cli", "router", "--pd", "--port", str(port),
                                    "--prefill", p.url, "--decode", d.url])
         url = f"http://127.0.0.1:{port}"
         try:

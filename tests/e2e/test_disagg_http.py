@@ -45,7 +45,7 @@ def fleet(tiny):
     for s in servers:
         s.__enter__()
     port = free_port()
-    cmd = [sys.executable, "-m", "fleetlm.router.pd", "--port", str(port), "--prefill", prod.url,
+    cmd = [sys.executable, "-m", "fleetlm.entrypoints.cli", "router", "--pd", "--port", str(port), "--prefill", prod.url,
            "--health-interval", "0.3", *sum((["--decode", d.url] for d in decs), [])]
     router = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"

@@ -74,7 +74,17 @@ def test_workers_args_parse_and_roles_agree():
     assert int(port) == kv_port
 
 
-@pytest.mark.parametrize("name", ["fleetlm-prefill", "fleetlm-decode"])
+def test_router_lists_every_worker_pod():
+    w = workloads()
+    args = parsed_args(w["fleetlm-router"])
+    assert args.pd
+    assert args.prefill == [f"http://fleetlm-prefill-{i}.fleetlm-prefill:8000"
+                            for i in range(w["fleetlm-prefill"]["spec"]["replicas"])]
+    assert args.decode == [f"http://fleetlm-decode-{i}.fleetlm-decode:8000"
+                           for i in range(w["fleetlm-decode"]["spec"]["replicas"])]
+
+
+@pytest.mark.parametrize("name", ["fleetlm-prefill", "fleetlm-decode", "fleetlm-router"])
 def test_probes_and_graceful_termination(name):
     w = workloads()[name]
     c, args = container(w), parsed_args(w)
