@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout's fleetlm, wherever it runs from
 from spec_decode import batch1  # noqa: E402  (benchmarks/spec_decode.py: the same measuring loop)
 
 from fleetlm import LLM  # noqa: E402
@@ -32,10 +33,10 @@ from fleetlm import LLM  # noqa: E402
 PROMPTS = Path(__file__).parent / "data" / "draft_heads_chat.txt"
 
 
-def spec_config(name: str, k: int, heads: dict[str, str | None]) -> dict | None:
+def spec_config(name: str, k: int, heads: dict[str, str | None], adaptive: bool = True) -> dict | None:
     if name == "off":
         return None
-    base = {"method": name, "num_speculative_tokens": k}
+    base = {"method": name, "num_speculative_tokens": k, "adaptive": adaptive}
     extra = {"ngram": {"prompt_lookup_min": 2, "prompt_lookup_max": 4},
              "self_spec": {"num_draft_layers": 10},
              "eagle": {"model": heads.get("eagle")}, "medusa": {"model": heads.get("medusa")}}[name]
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--eagle")
     ap.add_argument("--medusa")
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--no-adaptive", action="store_true",
+                    help="draft k tokens every step (the adaptive rule off): what the heads accept, whatever the cost")
     ap.add_argument("--out", default="benchmarks/draft_heads.json")
     args = ap.parse_args()
     prompts = [p for p in PROMPTS.read_text().splitlines() if p.strip()]
@@ -67,7 +70,7 @@ def main() -> None:
         name, _, k = spec.partition(":")
         item_heads = {**heads, name: head_dir} if head_dir else heads
         llms[item] = LLM(kv_cache_memory=256 << 20, seed=0,
-                         speculative_config=spec_config(name, int(k or 4), item_heads))
+                         speculative_config=spec_config(name, int(k or 4), item_heads, not args.no_adaptive))
     load_before = os.getloadavg()
     t0 = time.time()
     res = batch1(llms, prompts, args.max_tokens)
@@ -76,7 +79,8 @@ def main() -> None:
         r["vs_off"] = round(r["decode_tok_s"] / off, 3) if off else None
         r["accepted_per_position"] = per_position(llms[item])
         print(f"{item:40s} {r}", flush=True)
-    out = {"prompts": prompts, "max_tokens": args.max_tokens, "heads": heads, "results": res,
+    out = {"prompts": prompts, "max_tokens": args.max_tokens, "heads": heads, "adaptive": not args.no_adaptive,
+           "results": res,
            "load_avg_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
            "seconds": round(time.time() - t0, 1), "machine": platform.processor() or platform.machine(),
            "nproc": os.cpu_count()}
