@@ -232,3 +232,10 @@ def test_kv_transfer_params_are_checked(tiny, tcp_pair):
         {"remote_address": "10.0.0.1:9", "transfer_id": "x"})], SP)
     assert "not in this consumer's kv_transfer_config.producers" in out[0]
     assert free_blocks(c) == 64
+
+
+def test_role_both_prefills_and_decodes_in_one_engine(tiny, reference):
+    addr = f"127.0.0.1:{free_port()}"
+    with LLM(str(tiny), **ENGINE, kv_transfer_config={"role": "both", "transport": "shm", "address": addr}) as llm:
+        assert generate_disaggregated(llm, llm, PROMPTS, SP) == reference
+        assert free_blocks(llm) == 64
