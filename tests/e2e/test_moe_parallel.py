@@ -61,3 +61,16 @@ def test_expert_parallel_on_a_dense_model_is_refused(tmp_path):
     path = make_tiny_hf_dir(tmp_path / "d")
     with pytest.raises(ValueError, match="enable_expert_parallel needs a mixture-of-experts model"):
         LLM(str(path), dtype="float32", kv_cache_memory=16 << 20, enable_expert_parallel=True)
+
+
+def test_upcycled_llama_at_ep2_with_replicas_equals_dense(tmp_path):
+    """Sparse upcycling through the expert-parallel paths: 8 identical experts at EP=2, with and
+    without hot-expert replicas rebalanced mid-load, generate what the dense model does."""
+    from fleetlm.moe.upcycle import upcycle
+    from tests.helpers import make_tiny_hf_dir
+
+    dense = make_tiny_hf_dir(tmp_path / "dense", initializer_range=0.2)
+    moe = upcycle(dense, tmp_path / "moe", num_experts=8, top_k=2)
+    reference = _tokens(dense)
+    assert _tokens(moe, **LAYOUTS["ep2-all_to_all"]) == reference
+    assert _tokens(moe, **LAYOUTS["ep2-replicas"]) == reference

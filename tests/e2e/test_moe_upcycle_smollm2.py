@@ -1,6 +1,5 @@
 """SmolLM2-135M upcycled to 8 identical experts (top-2, new router): greedy output identical to
-dense SmolLM2 and last-position logits within 3e-5 (fp32; see the comment), through one process
-and through EP=2 with hot-expert replicas rebalanced mid-load."""
+dense SmolLM2 and last-position logits within 3e-5 (fp32; see the comment), in one process."""
 
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ def upcycled(tmp_path_factory):
     return upcycle("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2_moe"), num_experts=8, top_k=2)
 
 
-def test_upcycled_smollm2_matches_dense_on_every_routing_path(upcycled):
+def test_upcycled_smollm2_matches_dense(upcycled):
     dense_tokens, dense_logits = _run("smollm2-135m-instruct")
     tokens, logits = _run(str(upcycled))
     assert tokens == dense_tokens
@@ -42,6 +41,6 @@ def test_upcycled_smollm2_matches_dense_on_every_routing_path(upcycled):
     # 30 blocks accumulate it: measured max |diff| 1.9e-5 to 2.2e-5 on logits of magnitude ~20.
     # The issue's 1e-5 holds on the tiny 3-layer model (test_moe_upcycle.py), not here.
     torch.testing.assert_close(logits, dense_logits, rtol=0, atol=3e-5)
-    ep_tokens, _ = _run(str(upcycled), tensor_parallel_size=2, enable_expert_parallel=True,
-                        moe_replica_slots=1, moe_rebalance_interval=2)
-    assert ep_tokens == dense_tokens
+    # EP=2 is not possible for SmolLM2: expert parallelism runs on the tensor-parallel ranks and
+    # its 9 attention heads do not split over 2; the upcycled tiny Llama covers EP=2 with replicas
+    # (tests/e2e/test_moe_parallel.py)
