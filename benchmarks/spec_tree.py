@@ -7,7 +7,8 @@ acceptance length (tokens per verification step), and ms per verification step (
 verification steps: the step-cost side, meaningful even with random heads). Heads: trained ones
 from --heads-dir if present (``medusa/`` and ``eagle/`` with model.safetensors), else random.
 
-  flock /tmp/fleetlm-bench.lock python benchmarks/spec_tree.py --out benchmarks/spec_tree.json
+  PYTHONPATH=. flock /tmp/fleetlm-bench.lock python benchmarks/spec_tree.py --out benchmarks/spec_tree.json
+  PYTHONPATH=. flock /tmp/fleetlm-bench.lock python benchmarks/spec_tree.py --stepcost --out benchmarks/spec_tree.json
 """
 
 from __future__ import annotations
@@ -63,6 +64,58 @@ def run(llms: dict[str, LLM], prompts: list[str], max_tokens: int) -> dict[str, 
     return out
 
 
+def stepcost(context: int, k: int, repeats: int) -> dict[str, dict]:
+    """The target's forward + logits for one request's query at ``context`` cached tokens: a
+    decode (1 token), a chain of k (1 + k, causal), the default tree of depth k (1 + nodes,
+    tree mask) and, to separate size from mask, a chain as long as the tree. Median ms."""
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    from fleetlm.attention.base import BatchLayout, ForwardContext, forward_context
+    from fleetlm.spec_decode.tree import DraftTree, default_tree
+
+    llm = LLM(kv_cache_memory=256 << 20)
+    runner = llm.engine.core.executor.worker.runner
+    tree = DraftTree(default_tree(k))
+    n = len(tree.paths)
+    bs = runner.block_size
+    blocks = list(range(1, 2 + (context + n + 1) // bs))
+    cases = {"decode": (1, None), f"chain_{k}": (1 + k, None), f"tree_{n}": (1 + n, tree),
+             f"chain_{n}": (1 + n, None)}
+
+    def once(q: int, t) -> float:
+        pos = np.arange(context, context + q)
+        slots = np.array([blocks[p // bs] * bs + p % bs for p in pos])
+        masks = None
+        if t is not None:
+            pos = context + np.concatenate([[0], t.depths])
+            masks = (t.ancestor_matrix(n),)
+        layout = BatchLayout(np.array([q]), np.array([context]), np.array([blocks]), torch.from_numpy(slots),
+                             int(q == 1), tree_masks=masks)
+        ids = torch.randint(100, 40000, (q,))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            meta = runner.backend.build_metadata(layout, runner.device)
+            with forward_context(ForwardContext(runner.backend, meta, runner.kv_caches)):
+                h = runner.model(ids, torch.from_numpy(pos), None)
+            runner.model.compute_logits(h).argmax(-1).tolist()
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(3):
+        for q, t in cases.values():
+            once(q, t)
+    for _ in range(repeats):
+        for name, (q, t) in cases.items():
+            times[name].append(once(q, t))
+    base = statistics.median(times["decode"])
+    return {name: {"tokens": cases[name][0], "ms": round(1000 * statistics.median(v), 2),
+                   "vs_decode": round(statistics.median(v) / base, 3)} for name, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, default=3)
@@ -71,7 +124,16 @@ def main() -> None:
     ap.add_argument("--methods", default="medusa,eagle")
     ap.add_argument("--heads-dir", default="/tmp/fleetlm-heads")
     ap.add_argument("--out", default="benchmarks/spec_tree.json")
+    ap.add_argument("--stepcost", action="store_true", help="only the target-forward micro-benchmark")
+    ap.add_argument("--context", type=int, default=256)
     args = ap.parse_args()
+    if args.stepcost:
+        out = Path(args.out)
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results["stepcost"] = {"context": args.context, **stepcost(args.context, args.k, 40)}
+        print(json.dumps(results["stepcost"], indent=1))
+        out.write_text(json.dumps(results, indent=1))
+        return
     base = LLM(kv_cache_memory=256 << 20)
     llms: dict[str, LLM] = {"off": base}
     heads = {}
@@ -82,12 +144,14 @@ def main() -> None:
             cfg = {"method": m, "model": path, "num_speculative_tokens": args.k, "adaptive": False,
                    "verification": shape}
             llms[f"{m}-{shape}"] = LLM(kv_cache_memory=256 << 20, speculative_config=cfg)
-    results = {"k": args.k, "max_tokens": args.max_tokens, "heads": heads}
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.update(k=args.k, max_tokens=args.max_tokens, heads=heads)
     for w in args.workloads.split(","):
         results[w] = run(llms, CHAT if w == "chat" else COPY, args.max_tokens)
         for name, r in results[w].items():
             print(f"{w:5s} {name:13s} {r}", flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -141,3 +141,35 @@ def test_small_stress_with_chunked_prefill_preemption_and_prefix_caching(tiny_mo
     for h in seen:  # every hashed block holds known tokens of some request: no tree node was hashed
         p = _prefix(seen, h)
         assert any(f[: len(p)] == tuple(p) for f in finals_set)
+
+
+def _record_drafts(llm) -> dict[tuple[str, int], list[int]]:
+    spec, seen = llm.engine.core.scheduler.spec, {}
+    on_output = spec.on_output
+
+    def spy(req, emitted, new_drafts):
+        if new_drafts:
+            seen[(req.request_id, req.num_tokens + len(emitted))] = list(new_drafts)
+        return on_output(req, emitted, new_drafts)
+
+    spec.on_output = spy
+    return seen
+
+
+def test_eagle_tree_top_path_equals_the_chain(tiny_model_dir, heads):
+    """The EAGLE head's tree pass (tree mask over its own cache, depth positions, parent
+    features) drafts along ranks (0,), (0,0), (0,0,0) exactly what the chain drafts."""
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = {"method": "eagle", "model": heads["eagle"], "num_speculative_tokens": 3, "adaptive": False}
+    chain = LLM(str(tiny_model_dir), speculative_config=base, **ENGINE)
+    tree = LLM(str(tiny_model_dir), speculative_config={**base, "verification": "tree"}, **ENGINE)
+    got_chain, got_tree = _record_drafts(chain), _record_drafts(tree)
+    chain.generate(PROMPTS, greedy, use_tqdm=False)
+    tree.generate(PROMPTS, greedy, use_tqdm=False)
+    common = set(got_chain) & set(got_tree)
+    assert len(common) >= 20
+    top = [0, 3, 6]  # node indices of the top-1 chain in the default tree
+    for key in common:
+        c, t = got_chain[key], got_tree[key]
+        assert len(t) == {1: 3, 2: 6, 3: 8}[len(c)]
+        assert [t[i] for i in top[: len(c)]] == c, key
