@@ -8,8 +8,9 @@ left out); these follow fleetlm's tensors, so a test can compare them with the b
 - ``int8`` / ``w8a8``: ``N K`` int8 + ``N`` scales in the model dtype per matrix (``w8a8`` also
   keeps a transposed copy of the codes for ``torch._int_mm``: ``2 N K``); the LM head an int8
   copy with per-row scales (tied: beside the embedding, which stays in the model dtype);
-- ``int4`` (group ``g``): ``N' K / 2`` packed bytes + ``K / g x N' x 2`` scale/zero pairs in the
-  model dtype, ``N' = ceil(N / 16) 16`` (the CPU packing pads rows); LM head as ``int8``;
+- ``int4`` (group ``g``): ``N' K / 2`` packed bytes for the kernel, as many again of nibbles for
+  the prefill GEMM path, + ``K / g x N' x 2`` scale/zero pairs in the model dtype,
+  ``N' = ceil(N / 16) 16`` (the CPU packing pads rows); LM head as ``int8``;
 - GGUF kept ``Q4_0``/``Q4_1``: as ``int4`` with ``g = 32``; ``Q8_0``: ``N K`` int8 + ``N K / 32``
   fp32 scales; a Q8_0 LM head likewise.
 """
@@ -50,7 +51,7 @@ def matrix_bytes(fmt: str, n: int, k: int, act_bytes: int) -> int:
         return n * k + n * k // 32 * 4
     group = 32 if fmt in ("Q4_0", "Q4_1") else int(fmt.split("_g")[1])
     n_pad = math.ceil(n / 16) * 16
-    return n_pad * k // 2 + k // group * n_pad * 2 * act_bytes
+    return 2 * (n_pad * k // 2) + k // group * n_pad * 2 * act_bytes  # kernel packing + GEMM-path nibbles
 
 
 def engine_weight_bytes(d: Dims, fmt: str, act_bytes: int = 2, head: str | None = None) -> int:

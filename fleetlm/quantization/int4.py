@@ -7,8 +7,11 @@ Quantized at load: ``scale = (max - min) / 15``, ``q = round((w - min) / scale)`
 zeros in the same convention (``Int4LinearMethod(prequantized=True)``).
 
 On the CPU the codes are repacked for ``torch._weight_int4pack_mm_for_cpu`` (scales and zeros in
-the activation dtype; output rows padded to a multiple of 16, which its packing needs); elsewhere
-the weight is dequantized per call.
+the activation dtype; output rows padded to a multiple of 16, which its packing needs), used below
+``GEMM_ROWS`` rows. That kernel is a GEMV: at 2048 rows it took 212 ms where bf16's GEMM took 28,
+so longer inputs dequantize a second copy of the codes (two per byte, our own layout) and use the
+dtype's GEMM. The copy doubles the int4 weight bytes (still a quarter of bf16). Elsewhere the
+weight is dequantized per call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from fleetlm.layers.linear import LinearMethod
 from fleetlm.quantization.base import as_2d, drop_param, staging_weight
+from fleetlm.quantization.int8 import GEMM_ROWS
 
 INT4_GROUP_SIZES = (32, 64, 128)
 _PACK_ROWS = 16  # the CPU packing needs N % 16 == 0
@@ -85,17 +89,29 @@ class Int4LinearMethod(LinearMethod):
         sz = torch.stack([s.t(), z.t()], dim=-1).to(layer.act_dtype).contiguous()  # [K/g, N, 2]
         layer.register_buffer("packed", packed, persistent=False)
         layer.register_buffer("scales_zeros", sz, persistent=False)
+        # the kernel's packing is opaque; two codes per byte of our own for the GEMM path
+        layer.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), persistent=False)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2, lead = as_2d(x)
         n = layer.out_features
-        if hasattr(layer, "packed"):
+        if hasattr(layer, "packed") and x2.shape[0] < GEMM_ROWS:
             y = torch._weight_int4pack_mm_for_cpu(x2, layer.packed, self.group_size, layer.scales_zeros)
             y = y[:, :n] if y.shape[1] != n else y
+        elif hasattr(layer, "packed"):  # prefill / large batch: dequantize, then the dtype's GEMM
+            y = F.linear(x2, self._from_nibbles(layer, x2.dtype))[:, :n]
         else:
             y = F.linear(x2, dequantize_int4(layer.qweight, layer.scales, layer.zeros).to(x2.dtype))
         y = y.reshape(*lead, n)
         return y if bias is None else y + bias
+
+    def _from_nibbles(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        b = layer.nibbles
+        q = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(b.shape[0], -1)  # [N', K]
+        sz = layer.scales_zeros.to(dtype)  # [K/g, N', 2]
+        g = self.group_size
+        w = (q.to(dtype).view(q.shape[0], -1, g) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.view(q.shape[0], -1)
 
     def dequantized(self, layer) -> torch.Tensor:
         """The weight this layer computes with, [N, K] fp32 (tests compare against it)."""

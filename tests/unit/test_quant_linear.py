@@ -39,7 +39,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("rows", [1, 5, 33, 70])  # 70: the dequantize + GEMM path
 def test_int8_matmul_equals_dequantized_reference(dtype, rows):
     g = torch.Generator().manual_seed(0)
     w, b, x = torch.randn(48, 96, generator=g), torch.randn(48, generator=g), torch.randn(rows, 96, generator=g)
@@ -61,6 +61,8 @@ def test_int4_matmul_equals_dequantized_reference(dtype, group, n):
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(n, 256, generator=g), torch.randn(3, 256, generator=g)
     layer = _layer(Int4LinearMethod(group), n, 256, dtype, w)
+    xl = torch.randn(70, 256, generator=g).to(dtype)  # the dequantize + GEMM path equals the kernel's
+    _close(layer(xl), F.linear(xl.float(), layer.linear_method.dequantized(layer)), dtype)
     q, s, z = quantize_int4_groups(w.to(dtype).float(), group)  # the layer stages the weight in its dtype
     deq = ((q.float().view(n, -1, group) - 8) * s[..., None] + z[..., None]).view(n, 256)
     err = (deq - w.to(dtype).float()).abs().view(n, -1, group).amax(-1)
