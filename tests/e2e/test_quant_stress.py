@@ -38,5 +38,6 @@ def test_random_requests_under_pressure_per_format(tiny_model_dir, fmt):
     prompts, params = _workload(30, seed=3)
     prompts += prompts[:6]  # repeated prompts: prefix-cache hits
     params += params[:6]
-    check_format_under_pressure(str(tiny_model_dir), prompts, params, fmt,
+    exact = "kv_cache_dtype" not in fmt and fmt.get("quantization") != "w8a8"
+    check_format_under_pressure(str(tiny_model_dir), prompts, params, fmt, min_identical=1.0 if exact else 0.8,
                                 num_kv_blocks=16, block_size=8, max_num_batched_tokens=64)
