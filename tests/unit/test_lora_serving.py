@@ -127,7 +127,7 @@ def test_unload_waits_for_requests_then_refuses_new_ones(llm, dirs):
     assert len(outs[-1].outputs[0].token_ids) == 6 and outs[-1].error is None
     eng.step()
     assert "tmp" not in eng.core.loras
-    assert all("tmp" not in getattr(m, "lora_slots").adapters for m in eng.core.executor.worker.runner.model.modules()
+    assert all("tmp" not in m.lora_slots.adapters for m in eng.core.executor.worker.runner.model.modules()
                if hasattr(m, "lora_slots"))
 
 
