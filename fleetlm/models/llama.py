@@ -113,6 +113,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_cls: type[nn.Module] = LlamaDecoderLayer  # MoE families swap in their decoder layer
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, layers: range) -> None:
         super().__init__()
         st = parallel_state()
@@ -121,7 +123,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
                              if st.is_first_stage else PPMissingLayer())
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rope, dtype) if i in layers else PPMissingLayer()
+            self.layer_cls(cfg, i, rope, dtype) if i in layers else PPMissingLayer()
             for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if st.is_last_stage else PPMissingLayer()
 

@@ -29,7 +29,7 @@ from fleetlm.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, 
 from fleetlm.layers.moe import FusedMoE
 from fleetlm.layers.norm import RMSNorm
 from fleetlm.layers.rotary import RotaryEmbedding
-from fleetlm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from fleetlm.layers.vocab import ParallelLMHead
 from fleetlm.models.llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -139,17 +139,6 @@ class Qwen3MoeDecoderLayer(MoEDecoderLayer):
 
 class MoEModel(LlamaModel):
     layer_cls: type[MoEDecoderLayer] = MoEDecoderLayer
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, layers: range) -> None:
-        nn.Module.__init__(self)
-        st = parallel_state()
-        self.layer_range = layers
-        rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
-        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-                             if st.is_first_stage else PPMissingLayer())
-        self.layers = nn.ModuleList(
-            self.layer_cls(cfg, i, rope, dtype) if i in layers else PPMissingLayer() for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if st.is_last_stage else PPMissingLayer()
 
 
 class MoEForCausalLM(LlamaForCausalLM):
