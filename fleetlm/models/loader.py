@@ -55,7 +55,9 @@ def load_model_files(path: Path, dtype: torch.dtype, quantization: str | None = 
     """Dispatch on what ``path`` is; anything else is a ``ValueError`` saying what was found.
     ``quantization`` names a format the weights are quantized to at load (fleetlm/quantization)."""
     files = _load_files(path, dtype, quantization)
-    if quantization is not None:
+    if quantization == "gguf" and files.source != "gguf":
+        raise ValueError(f"quantization 'gguf' keeps a GGUF file's tensors quantized; {path} is not a GGUF file")
+    if quantization not in (None, "gguf"):
         from fleetlm.quantization import get_quant_config
 
         files.config = dataclasses.replace(files.config, quantization=get_quant_config(quantization))
@@ -75,8 +77,9 @@ def _load_files(path: Path, dtype: torch.dtype, quantization: str | None) -> Loa
             "model directory (config.json + *.safetensors)"
         )
     # a GGUF's quantized tensors stay quantized unless another format is asked for; fp32 is the
-    # reference precision and dequantizes as before
-    return _load_gguf(path, dtype, keep_quantized=quantization is None and dtype != torch.float32)
+    # reference precision and dequantizes unless "gguf" asks to keep them
+    keep = quantization == "gguf" or (quantization is None and dtype != torch.float32)
+    return _load_gguf(path, dtype, keep_quantized=keep)
 
 
 # -- Hugging Face directory -------------------------------------------------------------------

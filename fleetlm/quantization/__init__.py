@@ -10,7 +10,9 @@
 - ``dequantize``: a quantized GGUF is dequantized to the model dtype at load (what happened
   before quantized tensors were kept; a no-op for unquantized checkpoints);
 - without a name, a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors stay quantized (``gguf.py``) when the
-  model dtype is bf16 (fp32, the reference precision, dequantizes).
+  model dtype is bf16 (fp32, the reference precision, dequantizes);
+- ``gguf``: a GGUF file's tensors stay quantized whatever the dtype (fp32 included); an error for
+  any other checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from fleetlm.quantization.base import QuantConfig
 
 INT4_DEFAULT_GROUP = 32  # SmolLM2 perplexity: g32 +0.25% over bf16, g64 +43% (docs/QUANTIZATION.md)
-_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128", "w8a8", "dequantize")
+_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128", "w8a8", "dequantize", "gguf")
 
 
 def quantization_names() -> tuple[str, ...]:
@@ -33,7 +35,7 @@ def check_quantization(name: str | None) -> None:
 def get_quant_config(name: str) -> QuantConfig | None:
     """The config for a user-facing name; ValueError naming the accepted values otherwise."""
     check_quantization(name)
-    if name == "dequantize":
+    if name in ("dequantize", "gguf"):  # decided by the GGUF loader
         return None
     from fleetlm.quantization.weight_only import Int4Config, Int8Config
 

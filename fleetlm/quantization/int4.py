@@ -8,10 +8,11 @@ zeros in the same convention (``Int4LinearMethod(prequantized=True)``).
 
 On the CPU the codes are repacked for ``torch._weight_int4pack_mm_for_cpu`` (scales and zeros in
 the activation dtype; output rows padded to a multiple of 16, which its packing needs), used below
-``GEMM_ROWS`` rows. That kernel is a GEMV: at 2048 rows it took 212 ms where bf16's GEMM took 28,
-so longer inputs dequantize a second copy of the codes (two per byte, our own layout) and use the
-dtype's GEMM. The copy doubles the int4 weight bytes (still a quarter of bf16). Elsewhere the
-weight is dequantized per call.
+``GEMM_ROWS`` rows in bf16. That kernel is a GEMV: at 2048 rows it took 212 ms where bf16's GEMM
+took 28, so longer inputs (and fp32 inputs, where the kernel is a scalar loop) dequantize a second
+copy of the codes (two per byte, our own layout) in fp32, round once to the activation dtype and
+use the dtype's GEMM. The copy doubles the int4 weight bytes (still a quarter of bf16). Elsewhere
+the weight is dequantized per call.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class Int4LinearMethod(LinearMethod):
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2, lead = as_2d(x)
         n = layer.out_features
-        if hasattr(layer, "packed") and x2.shape[0] < GEMM_ROWS:
+        # the packed kernel is a GEMV, and in fp32 a scalar loop (45x slower than in bf16)
+        if hasattr(layer, "packed") and x2.shape[0] < GEMM_ROWS and x2.dtype != torch.float32:
             y = torch._weight_int4pack_mm_for_cpu(x2, layer.packed, self.group_size, layer.scales_zeros)
             y = y[:, :n] if y.shape[1] != n else y
         elif hasattr(layer, "packed"):  # prefill / large batch: dequantize, then the dtype's GEMM
@@ -108,10 +110,10 @@ class Int4LinearMethod(LinearMethod):
     def _from_nibbles(self, layer, dtype: torch.dtype) -> torch.Tensor:
         b = layer.nibbles
         q = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(b.shape[0], -1)  # [N', K]
-        sz = layer.scales_zeros.to(dtype)  # [K/g, N', 2]
+        sz = layer.scales_zeros.float()  # [K/g, N', 2]
         g = self.group_size
-        w = (q.to(dtype).view(q.shape[0], -1, g) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
-        return w.view(q.shape[0], -1)
+        w = (q.float().view(q.shape[0], -1, g) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.view(q.shape[0], -1).to(dtype)
 
     def dequantized(self, layer) -> torch.Tensor:
         """The weight this layer computes with, [N, K] fp32 (tests compare against it)."""

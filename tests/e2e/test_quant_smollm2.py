@@ -5,7 +5,8 @@ weight bytes equal to the planner's; the GGUF-kept format under preemption.
 
 Measured (2026-11-30, Xeon with AMX, bf16; agreement = mean fraction of 32 greedy tokens before
 the first difference from bf16, 8 chat prompts): perplexity bf16 18.587; gguf (Q4_1 kept)
-18.565, agreement 0.67; int8 18.623, 0.37; int4 (g32) 18.633, 0.54; w8a8 19.393, 0.07. The
+18.537, agreement 0.61 (0.72 with torch's AVX2 kernels); int8 18.716, 0.55; int4 (g32) 18.579,
+0.55; w8a8 19.405, 0.07. Agreement moves with the CPU's kernels, so the pins sit well below. The
 model is small and its logit margins thin, so greedy text drifts early even at +0.2% perplexity.
 KV caches are measured with chunked prefill (64-token chunks), so context is read quantized.
 """
@@ -33,7 +34,7 @@ FORMATS = {"bf16": {"quantization": "dequantize"}, "gguf": {}, "int8": {"quantiz
 # perplexity may rise by at most this fraction over its baseline; greedy agreement (mean fraction
 # of the 32 tokens before the first difference) at least this. Pins sit below the measured values.
 PPL_MARGIN = {"gguf": 0.01, "int8": 0.01, "int4": 0.02, "w8a8": 0.08, "kv-int8": 0.01, "kv-fp8": 0.03}
-AGREE_MIN = {"gguf": 0.5, "int8": 0.25, "int4": 0.35, "w8a8": 0.03, "kv-int8": 0.2, "kv-fp8": 0.1}
+AGREE_MIN = {"gguf": 0.4, "int8": 0.25, "int4": 0.35, "w8a8": 0.03, "kv-int8": 0.2, "kv-fp8": 0.1}
 BASELINE = {"kv-int8": "bf16-chunked", "kv-fp8": "bf16-chunked"}
 
 
@@ -91,16 +92,25 @@ def test_gguf_kept_weight_bytes_equal_the_planners():
 
 
 def test_gguf_kept_under_preemption():
-    """The default model as shipped, bf16, with prefix caching, chunked prefill and preemption.
-    Random-token prompts give near-flat logits, and in bf16 batch composition moves roundings
-    (the int4 kernel's blocking by row count; the Q8_0 head's GEMV kernel for <= 16 sampling
-    rows, the bf16 GEMM above), so a near-tie may flip: measured 89% of requests equal to the
-    roomy run; the pin is 80%. Completion, lengths and the KV blocks' return are exact."""
+    """The default model with its tensors kept as shipped, under prefix caching, chunked prefill
+    and preemption, in fp32 (``quantization="gguf"``): there the int4 kernel (under 64 rows) and
+    the dequantize-then-GEMM path (64 rows and more) compute the same weights to fp32 rounding, so
+    every request's tokens equal the roomy run's. (In bf16 the GEMM path reads bf16-rounded
+    weights, so batch composition moves roundings and random-token prompts with near-flat logits
+    flip; bf16 greedy text is pinned by the agreement test above.)"""
     from tests.e2e.test_quant_stress import check_format_under_pressure
     from tests.e2e.test_stress import _workload
 
     prompts, params = _workload(24, seed=4, max_prompt=64, max_out=24)
     prompts += prompts[:4]
     params += params[:4]
-    check_format_under_pressure(MODEL, prompts, params, {}, dtype="bfloat16", min_identical=0.8,
-                                num_kv_blocks=12, block_size=16, max_num_batched_tokens=96)
+    check_format_under_pressure(MODEL, prompts, params, {"quantization": "gguf"}, dtype="float32",
+                                min_identical=1.0, num_kv_blocks=12, block_size=16, max_num_batched_tokens=96)
+
+
+def test_gguf_kept_in_fp32_on_request_and_refused_for_other_checkpoints(tiny_model_dir):
+    with LLM(MODEL, dtype="float32", quantization="gguf", kv_cache_memory=32 << 20) as llm:
+        model = llm.engine.core.executor.worker.runner.model
+        assert model.config.quantization.describe() == "gguf (Q4_1 kept quantized in 120 layers)"
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        LLM(str(tiny_model_dir), quantization="gguf")
