@@ -7,7 +7,11 @@ consumer: each fetch is a full ``KVClient.fetch`` (control round trip + data), t
 ``memcpy`` is ``torch`` copying the same bytes inside one process: the bound for ``shm``, which
 copies once out of the shared segment.
 
-    flock /tmp/fleetlm-bench.lock python benchmarks/disagg_transfer.py --out benchmarks/disagg_transfer.json
+``--plan`` adds the estimate ``fleetlm plan --disagg --hardware cpu --probe`` makes for the same
+transfer (``fleetlm/plan/pd.py``: host memory copies at the probed read bandwidth / 2), beside
+each transport's measured median.
+
+    flock /tmp/fleetlm-bench.lock python benchmarks/disagg_transfer.py --plan --out benchmarks/disagg_transfer.json
 """
 
 from __future__ import annotations
@@ -102,16 +106,37 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out")
+    ap.add_argument("--plan", action="store_true", help="add the planner's estimate per transport")
     args = ap.parse_args()
     rows = [memcpy(args.tokens, args.repeats)] + [bench(t, args.tokens, args.repeats) for t in TRANSPORTS]
     base = rows[0]["gb_per_s"]
+    plan = plan_estimates(args.tokens) if args.plan else {}
     for r in rows:
         r["vs_memcpy"] = r["gb_per_s"] / base
+        est = plan.get("estimates_ms", {}).get(r["transport"])
+        if est is not None:
+            r["plan_ms"], r["plan_over_measured"] = est, est / r["latency_ms_median"]
         print(f"{r['transport']:<36} {r['bytes'] / 2**20:7.1f} MiB  {r['latency_ms_median']:8.1f} ms  "
-              f"{r['gb_per_s']:6.2f} GB/s  {r['vs_memcpy']:.2f}x memcpy")
+              f"{r['gb_per_s']:6.2f} GB/s  {r['vs_memcpy']:.2f}x memcpy"
+              + (f"  plan {est:7.1f} ms ({r['plan_over_measured']:.2f}x)" if est is not None else ""))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"tokens": args.tokens, "rows": rows}, f, indent=1)
+            json.dump({"tokens": args.tokens, "rows": rows, "plan": plan}, f, indent=1)
+
+
+def plan_estimates(tokens: int) -> dict:
+    """What ``fleetlm plan --disagg --hardware cpu --probe`` estimates for this transfer."""
+    from fleetlm.plan.hardware import get_hardware
+    from fleetlm.plan.pd import HOST_COPIES, kv_link
+    from fleetlm.plan.probe import probe
+
+    pr = probe()
+    hw = get_hardware("cpu", mem_bandwidth=pr.mem_bandwidth, peak_flops=pr.peak_flops)
+    est = {}
+    for t in HOST_COPIES:
+        link = kv_link(t, hw)
+        est[t] = 1e3 * (link.latency_s + nbytes_for(tokens) / link.bandwidth)
+    return {"probe_read_gb_per_s": pr.mem_bandwidth / 1e9, "estimates_ms": est}
 
 
 if __name__ == "__main__":

@@ -68,11 +68,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="force activation checkpointing (default: planned)")
 
     from fleetlm.plan.fleet_cli import add_fleet_arguments
+    from fleetlm.plan.pd_cli import add_pd_arguments
 
     add_fleet_arguments(parser)
+    add_pd_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "disagg", False):
+        from fleetlm.plan.pd_cli import run_disagg
+
+        return run_disagg(args)
     if getattr(args, "fleet", False):
         from fleetlm.plan.fleet_cli import run_fleet
 
