@@ -121,10 +121,11 @@ def batch1(llms: dict[str, LLM], prompts: list[str], max_tokens: int) -> dict[st
                    **_spec_figures(llm)} for name, llm in llms.items()}
 
 
-def conc16(llm: LLM, max_tokens: int) -> dict:
+def conc16(llm: LLM, max_tokens: int, warm: bool = True) -> dict:
     convs = [[{"role": "user", "content": p}] for p in (COPY + CHAT) * 6]
     sp = SamplingParams(temperature=0, max_tokens=max_tokens)
-    llm.chat(convs[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    if warm:
+        llm.chat(convs[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     _reset_spec(llm)
     t0 = time.perf_counter()
     outs = llm.chat(convs, sp, use_tqdm=False)
@@ -153,6 +154,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--out", default="benchmarks/spec_decode.json")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="conc16: run every method this many times, interleaved (engines built once)")
     args = ap.parse_args()
     base = LLM(kv_cache_memory=256 << 20) if any(m in args.methods for m in ("draft", "eagle", "medusa")) else None
     results = json.loads(Path(args.out).read_text()) if os.path.exists(args.out) else {}
@@ -165,6 +168,10 @@ def main() -> None:
                 print(f"batch1 {w:5s} {method:12s} {r}", flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
         return
+    if args.part == "conc16" and args.rounds > 1:
+        results["conc16_interleaved"] = conc16_rounds(args, base)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        return
     for method in args.methods.split(","):
         llm = LLM(kv_cache_memory=256 << 20, speculative_config=spec_config(method, args.k, base), max_num_seqs=16)
         r = conc16(llm, args.max_tokens) if args.part == "conc16" else prefix(llm, args.max_tokens)
@@ -172,6 +179,29 @@ def main() -> None:
         print(f"{args.part} {method:12s} {r}", flush=True)
         llm.shutdown()
         Path(args.out).write_text(json.dumps(results, indent=1))
+
+def conc16_rounds(args, base) -> dict:
+    """Every method ``--rounds`` times, alternating, so load drift hits all alike; the median
+    run per method and each round's ratio to the first method."""
+    import statistics
+
+    methods = args.methods.split(",")
+    llms = {m: LLM(kv_cache_memory=256 << 20, speculative_config=spec_config(m, args.k, base), max_num_seqs=16)
+            for m in methods}
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for r in range(args.rounds):
+        for m in (methods if r % 2 == 0 else methods[::-1]):
+            runs[m].append(conc16(llms[m], args.max_tokens, warm=r == 0))
+            print(f"round {r} {m:12s} {runs[m][-1]}", flush=True)
+    first = methods[0]
+    out = {"rounds": args.rounds, "runs": runs,
+           "median_tok_s": {m: statistics.median(x["output_tok_s"] for x in runs[m]) for m in methods}}
+    out["ratio_per_round"] = {m: [round(a["output_tok_s"] / b["output_tok_s"], 4)
+                                  for a, b in zip(runs[m], runs[first])] for m in methods[1:]}
+    out["median_ratio"] = {m: statistics.median(v) for m, v in out["ratio_per_round"].items()}
+    print(json.dumps({k: out[k] for k in ("median_tok_s", "ratio_per_round", "median_ratio")}), flush=True)
+    return out
+
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
-"""The HTTP side of disaggregated serving, on ``/v1/completions`` (``fleetlm serve
---kv-transfer-config``).
+"""The HTTP side of disaggregated serving, on ``/v1/completions`` and ``/v1/chat/completions``
+(``fleetlm serve --kv-transfer-config``).
 
 Prefill worker (producer): a request with ``"kv_transfer_params": {"do_remote_decode": true}``
 and ``max_tokens: 1`` runs the prefill and samples the first token; the response carries
@@ -12,6 +12,10 @@ or expired handle is a 404 naming it, a producer this worker may not fetch from 
 engine differs is a 400 naming the difference, an unreachable one a 503. The engine request's
 prompt is the producer's prompt plus its first token, so the response holds the tokens *after*
 the first one (``max_tokens`` counts those).
+
+A chat request works the same way: the decode worker renders the same conversation, which must
+give the producer's prompt; ``tools`` are refused on this path (the tool-call parser would see
+the answer without its first token).
 """
 
 from __future__ import annotations
@@ -52,25 +56,25 @@ class DisaggFrontend:
                               PARAM)
         return side
 
-    def check_prefill(self, req) -> None:
-        if req.max_tokens != 1:
+    def check_prefill(self, req, limit: int | None, one_prompt: bool) -> None:
+        if limit != 1:
             raise bad_request(f"a prefill for remote decode (kv_transfer_params.do_remote_decode) must have "
-                              f"max_tokens = 1, got {req.max_tokens}", "max_tokens")
-        if req.n != 1 or req.stream or not _single_prompt(req.prompt):
+                              f"max_tokens = 1, got {limit}", "max_tokens")
+        if req.n != 1 or req.stream or not one_prompt:
             raise bad_request("a prefill for remote decode takes one prompt, n = 1 and stream = false", PARAM)
 
-    def handle(self, response: dict) -> dict | None:
+    def handle(self, response: dict, engine_request_id: str) -> dict | None:
         """The handle a successful prefill response carries (None: nothing to decode)."""
         choice = response["choices"][0]
         if choice["finish_reason"] != "length":
             return None
-        return {"remote_address": self.config.public_address, "transfer_id": f"{response['id']}-0",
+        return {"remote_address": self.config.public_address, "transfer_id": engine_request_id,
                 "do_remote_prefill": True}
 
     async def resolve(self, req, own_prompt_ids: list[int]) -> list[int]:
         """The engine prompt of a remote-prefilled request: the producer's prompt + first token."""
-        if req.n != 1 or req.echo or not _single_prompt(req.prompt):
-            raise bad_request("a decode after a remote prefill takes one prompt, n = 1 and echo = false", PARAM)
+        if req.n != 1:
+            raise bad_request("a decode after a remote prefill takes one prompt and n = 1", PARAM)
         p = req.kv_transfer_params
         try:
             meta = await asyncio.to_thread(self._lookup, p["remote_address"], p["transfer_id"])
@@ -122,11 +126,42 @@ async def completion(front: DisaggFrontend, req, generate, serving):
     """``/v1/completions`` with ``kv_transfer_params``: ``generate(req)`` is the plain route."""
     side = front.side(req.kv_transfer_params)
     if side == "producer":
-        front.check_prefill(req)
+        front.check_prefill(req, req.max_tokens, _single_prompt(req.prompt))
         out = await generate(req)
         if isinstance(out, dict):
-            out["kv_transfer_params"] = front.handle(out)
+            out["kv_transfer_params"] = front.handle(out, f"{out['id']}-0")
         return out
+    if req.echo or not _single_prompt(req.prompt):
+        raise bad_request("a decode after a remote prefill takes one prompt and echo = false", PARAM)
     own = serving.completion_prompts(req)[0][1]
     ids = await front.resolve(req, own)
     return await generate(req.model_copy(update={"prompt": ids}))
+
+
+async def chat(front: DisaggFrontend, req, generate, handler):
+    """``/v1/chat/completions`` with ``kv_transfer_params``: ``generate(handler, req)`` is the
+    plain route; the decode side runs it with the transferred prompt."""
+    side = front.side(req.kv_transfer_params)
+    if req.calls_tools:
+        raise bad_request("tools are not supported with kv_transfer_params (disaggregated serving) yet", "tools")
+    if side == "producer":
+        front.check_prefill(req, req.limit, True)
+        out = await generate(handler, req)
+        if isinstance(out, dict):
+            out["kv_transfer_params"] = front.handle(out, out["id"])
+        return out
+    ids = await front.resolve(req, handler.prompt(req)[1])
+    return await generate(_WithPrompt(handler, ids), req)
+
+
+class _WithPrompt:
+    """A chat handler whose engine prompt is given (the producer's prompt + first token)."""
+
+    def __init__(self, handler, prompt_ids: list[int]) -> None:
+        self.handler, self.prompt_ids = handler, prompt_ids
+
+    def prepare(self, req, arrival: float):
+        return self.handler.prepare(req, arrival, prompt_ids=self.prompt_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self.handler, name)

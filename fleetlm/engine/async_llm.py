@@ -53,6 +53,7 @@ class AsyncLLM:
         self.model_config = files.config
         self.tokenizer = files.tokenizer
         self.loras = LoRARegistry(args.enable_lora, args.max_loras, files.config, args.lora_modules)
+        self._lora_lock = asyncio.Lock()  # one load at a time: the check and the add are one step
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
         self.request_timeout = request_timeout
@@ -169,10 +170,12 @@ class AsyncLLM:
         return RequestStream(self, request_id, queue, None if timeout is None else arrival + timeout, timeout)
 
     async def add_lora(self, name: str, path: str) -> None:
-        """Load a LoRA adapter on every core; checked here first (``ValueError`` -> 400)."""
-        if await asyncio.to_thread(self.loras.prepare_add, name, path):
-            self.client.add_lora(name, path)
-            self.loras.added(name, path)
+        """Load a LoRA adapter on every core; checked here first (``ValueError`` -> 400). Loads
+        are serialised, so two requests for one name cannot both pass the check."""
+        async with self._lora_lock:
+            if await asyncio.to_thread(self.loras.prepare_add, name, path):
+                self.client.add_lora(name, path)
+                self.loras.added(name, path)
 
     def remove_lora(self, name: str) -> None:
         """New requests may no longer name it; requests using it finish with it."""

@@ -163,10 +163,18 @@ def gguf_fields(reader: Any) -> dict[str, Any]:
     return out
 
 
-def config_from_gguf(fields: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def config_from_gguf(fields: dict[str, Any], tensor_names: set[str] | dict[str, tuple[int, ...]]) -> ModelConfig:
+    """``tensor_names``: the file's tensors (a dict name -> shape, rows first, for MoE files)."""
+    from fleetlm.models import gguf_moe
+
     arch = fields.get("general.architecture")
-    if arch not in _GGUF_ARCHS:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
+    moe, architecture = None, _GGUF_ARCHS.get(arch)
+    if gguf_moe.is_moe_gguf(fields):
+        shapes = tensor_names if isinstance(tensor_names, dict) else {}
+        architecture, moe, dense_width = gguf_moe.moe_config_from_gguf(fields, shapes)
+    elif arch not in _GGUF_ARCHS:
+        supported = (*_GGUF_ARCHS, *gguf_moe.MOE_ARCHS)
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(supported)}")
 
     def get(key: str, default: Any = None) -> Any:
         v = fields.get(f"{arch}.{key}", default)
@@ -182,10 +190,10 @@ def config_from_gguf(fields: dict[str, Any], tensor_names: set[str]) -> ModelCon
             "factor": fields.get(f"{arch}.rope.scaling.factor", 1.0),
         }
     return ModelConfig(
-        architecture=_GGUF_ARCHS[arch],
+        architecture=architecture,
         vocab_size=fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"]),
         hidden_size=hidden,
-        intermediate_size=get("feed_forward_length"),
+        intermediate_size=dense_width if moe else get("feed_forward_length"),
         num_layers=get("block_count"),
         num_heads=heads,
         num_kv_heads=get("attention.head_count_kv", heads),
@@ -196,6 +204,7 @@ def config_from_gguf(fields: dict[str, Any], tensor_names: set[str]) -> ModelCon
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         rope_scaling=rope_scaling,
+        moe=moe,
     )
 
 
@@ -205,7 +214,7 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, architecture: str = "") -> str:
     if gguf_name == "token_embd.weight":
         return "model.embed_tokens.weight"
     if gguf_name == "output_norm.weight":
@@ -213,6 +222,13 @@ def _hf_name(gguf_name: str) -> str:
     if gguf_name == "output.weight":
         return "lm_head.weight"
     _, layer, kind, suffix = gguf_name.split(".")
+    if kind not in _GGUF_TO_HF:
+        from fleetlm.models.gguf_moe import family_prefix, hf_names
+
+        name = hf_names(gguf_name, layer, kind, family_prefix(architecture))
+        if name is None:
+            raise ValueError(f"GGUF tensor {gguf_name!r} is not one fleetlm knows how to load")
+        return name
     return f"model.layers.{layer}.{_GGUF_TO_HF[kind]}.{suffix}"
 
 
@@ -221,7 +237,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
 
     reader = gguf.GGUFReader(str(path))
     fields = gguf_fields(reader)
-    config = config_from_gguf(fields, {t.name for t in reader.tensors})
+    config = config_from_gguf(fields, {t.name: tuple(int(x) for x in reversed(t.shape.tolist()))
+                                       for t in reader.tensors})
     freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     if freqs is not None:  # RoPE frequency factors stored as a tensor (Llama-3.1 style scaling)
         factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
@@ -243,8 +260,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
             def unpermute(a: np.ndarray, kind: str = kind, heads: int = heads) -> np.ndarray:
                 return _unpermute_qk(a, heads) if llama_permuted and kind in ("attn_q", "attn_k") else a
 
-            if kept is not None and gq.is_kept(kept, _hf_name(t.name)):
-                yield from gq.kept_tensors(t, _hf_name(t.name), unpermute)
+            if kept is not None and not kind.endswith("_exps") and gq.is_kept(kept, _hf_name(t.name, config.architecture)):
+                yield from gq.kept_tensors(t, _hf_name(t.name, config.architecture), unpermute)
                 continue
             if kept is not None and kept.head == "int8_group" and t.name in gq.head_names(config):
                 yield from gq.head_tensors(t)
@@ -252,6 +269,26 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
                     continue
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
             arr = unpermute(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
+            if config.moe is not None and kind:
+                yield from _moe_tensors(t.name, kind, arr, config.architecture, dtype)
+                continue
             yield _hf_name(t.name), torch.from_numpy(np.array(arr, dtype=np.float32, order="C")).to(dtype)
 
     return LoadedModel(config, tokenizer_from_gguf_fields(fields), weights(), "gguf")
+
+
+def _moe_tensors(name: str, kind: str, arr: np.ndarray, architecture: str, dtype: torch.dtype):
+    """An MoE GGUF's layer tensor under its HF name(s): one per expert for a stacked one."""
+    from fleetlm.models.gguf_moe import expert_slices, is_expert_kind
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.float32, order="C")).to(dtype)
+
+    layer = name.split(".")[1]
+    if is_expert_kind(kind):
+        for hf, a in expert_slices(layer, kind, arr, architecture):
+            yield hf, t(a)
+    elif kind == "ffn_gate_inp_shexp":  # [hidden] in the file, a [1, hidden] linear in the model
+        yield _hf_name(name, architecture), t(arr.reshape(1, -1))
+    else:
+        yield _hf_name(name, architecture), t(arr)

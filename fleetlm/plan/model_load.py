@@ -169,6 +169,7 @@ def _spec_from_gguf(path: str, size: int, mtime_ns: int) -> ModelSpec:
     names = {t.name for t in reader.tensors}
     kinds = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
     window = _field(f, f"{arch}.attention.sliding_window")
+    moe = _gguf_moe(f, arch, reader)
     return ModelSpec(
         name=Path(path).stem, hidden_size=h, num_layers=int(values["num_layers"]),
         num_heads=heads, num_kv_heads=int(_field(f, f"{arch}.attention.head_count_kv", heads)),
@@ -177,11 +178,28 @@ def _spec_from_gguf(path: str, size: int, mtime_ns: int) -> ModelSpec:
         tie_word_embeddings="output.weight" not in names,
         max_position_embeddings=int(_field(f, f"{arch}.context_length", 0)),
         qkv_bias="blk.0.attn_q.bias" in names,
-        num_experts=int(_field(f, f"{arch}.expert_count", 0)),
-        num_experts_per_tok=int(_field(f, f"{arch}.expert_used_count", 0)),
-        moe_intermediate_size=int(ffn) if _field(f, f"{arch}.expert_count", 0) else 0,
+        num_experts=moe.num_experts if moe else 0, num_experts_per_tok=moe.top_k if moe else 0,
+        moe_intermediate_size=moe.moe_intermediate_size if moe else 0,
+        num_shared_experts=moe.num_shared_experts if moe else 0,
+        shared_expert_intermediate_size=moe.shared_expert_intermediate_size if moe else 0,
+        shared_expert_gate=bool(moe and moe.shared_expert_gate),
+        num_dense_layers=moe.num_dense_layers(int(values["num_layers"])) if moe else 0,
         sliding_window=int(window) if window else None,
         num_sliding_layers=int(values["num_layers"]) if window else 0,
         source=str(path), native_weight_format=kinds.most_common(1)[0][0] if kinds else None,
         native_weights_bytes=int(sum(int(t.n_bytes) for t in reader.tensors)),
     )
+
+
+def _gguf_moe(f, arch: str, reader):
+    """The engine's own reading of an MoE GGUF (``models/gguf_moe.py``), or None when dense."""
+    from fleetlm.models import gguf_moe
+
+    fields = {k: _field(f, k) for k in f if k == "general.architecture" or k.startswith(arch + ".")}
+    if not gguf_moe.is_moe_gguf(fields):
+        return None
+    shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in reader.tensors}
+    try:
+        return gguf_moe.moe_config_from_gguf(fields, shapes)[1]
+    except ValueError as e:
+        raise PlanError(str(e)) from None

@@ -1,6 +1,7 @@
 """``fleetlm router --pd``: disaggregated prefill and decode across two worker groups.
 
-For each ``/v1/completions`` request (one prompt, ``n = 1``):
+For each ``/v1/completions`` or ``/v1/chat/completions`` request (one prompt or conversation,
+``n = 1``; no tools on chat):
 
 1. a prefill worker (``fleetlm serve --kv-transfer-config '{"role": "producer", ...}'``) runs the
    prompt with ``max_tokens = 1`` and ``kv_transfer_params = {"do_remote_decode": true}``; it
@@ -30,7 +31,16 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from fleetlm.disagg.relay import check_body, join_responses, only_prefill, relay_stream
+from fleetlm.disagg.relay import (
+    ClientGone,
+    check_body,
+    decode_body,
+    join_responses,
+    max_tokens,
+    only_prefill,
+    prefill_body,
+    relay_stream,
+)
 
 logger = logging.getLogger("fleetlm")
 
@@ -154,6 +164,7 @@ class PDRouter:
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/ready", self.health)
         app.router.add_get("/workers", self.list_workers)
@@ -176,6 +187,12 @@ class PDRouter:
         return web.Response(text="\n".join(lines) + "\n")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         if self.config.api_keys and request.headers.get("authorization", "") not in \
                 {f"Bearer {k}" for k in self.config.api_keys}:
             return _error(401, "a valid API key is required (Authorization: Bearer KEY)", "invalid_api_key")
@@ -183,17 +200,20 @@ class PDRouter:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the body is not valid JSON", "invalid_json")
-        bad = check_body(body)
+        bad = check_body(body, chat)
         if bad is not None:
             return _error(400, bad[1], "invalid_request", bad[0])
         self.stats.requests += 1
         try:
-            return await self._serve(request, body)
+            return await self._serve(request, body, chat)
+        except ClientGone as e:  # the upstream request was dropped with it: the worker aborts
+            self.stats.disconnects += 1
+            return e.response
         except asyncio.CancelledError:
             self.stats.disconnects += 1
             raise
 
-    async def _serve(self, request: web.Request, body: dict) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, body: dict, chat: bool) -> web.StreamResponse:
         tried_p: set[str] = set()
         tried_d: set[str] = set()
         last = "no healthy worker"
@@ -203,7 +223,7 @@ class PDRouter:
             if p is None or d is None:
                 break
             try:
-                pre = await self._prefill(p, body)
+                pre = await self._prefill(p, body, chat)
             except _Failed as e:
                 tried_p.add(p.url)
                 self.stats.prefill_retries += attempt < self.config.max_retries
@@ -211,10 +231,10 @@ class PDRouter:
                 continue
             if isinstance(pre, web.Response):
                 return pre  # the prefill worker refused the request itself (4xx): the client's to fix
-            if pre.get("kv_transfer_params") is None or body.get("max_tokens", 16) == 1:
-                return await only_prefill(request, body, pre)
+            if pre.get("kv_transfer_params") is None or max_tokens(body, chat) == 1:
+                return await only_prefill(request, body, pre, chat)
             try:
-                return await self._decode(request, d, body, pre)
+                return await self._decode(request, d, body, pre, chat)
             except _Failed as e:
                 tried_d.add(d.url)
                 self.stats.decode_retries += attempt < self.config.max_retries
@@ -222,22 +242,20 @@ class PDRouter:
         self.stats.errors += 1
         return _error(503, f"disaggregated serving failed on every worker tried; last: {last}", "pd_unavailable")
 
-    async def _post(self, w: PDWorker, body: dict) -> aiohttp.ClientResponse:
+    async def _post(self, w: PDWorker, body: dict, chat: bool) -> aiohttp.ClientResponse:
+        path = "/v1/chat/completions" if chat else "/v1/completions"
         try:
-            return await self.session.post(w.url + "/v1/completions", json=body, headers=self._headers(),
-                                           timeout=self.timeout)
+            return await self.session.post(w.url + path, json=body, headers=self._headers(), timeout=self.timeout)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             w.failures += 1
             w.healthy = False  # until the next health check says otherwise
             raise _Failed(f"{w.role} worker {w.url}: {type(e).__name__}: {e}") from None
 
-    async def _prefill(self, w: PDWorker, body: dict) -> dict | web.Response:
+    async def _prefill(self, w: PDWorker, body: dict, chat: bool) -> dict | web.Response:
         t0 = time.perf_counter()
-        pbody = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        pbody.update(max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         w.in_flight += 1
         try:
-            resp = await self._post(w, pbody)
+            resp = await self._post(w, prefill_body(body), chat)
             async with resp:
                 data = await resp.read()
                 if resp.status == 429 or resp.status >= 500:
@@ -253,11 +271,11 @@ class PDRouter:
             w.in_flight -= 1
             self.stats.seconds_prefill += time.perf_counter() - t0
 
-    async def _decode(self, request: web.Request, w: PDWorker, body: dict, pre: dict) -> web.StreamResponse:
-        dbody = {**body, "max_tokens": body.get("max_tokens", 16) - 1, "kv_transfer_params": pre["kv_transfer_params"]}
+    async def _decode(self, request: web.Request, w: PDWorker, body: dict, pre: dict,
+                      chat: bool) -> web.StreamResponse:
         w.in_flight += 1
         try:
-            resp = await self._post(w, dbody)
+            resp = await self._post(w, decode_body(body, chat, pre["kv_transfer_params"]), chat)
             async with resp:
                 if resp.status != 200:
                     data = await resp.read()
@@ -268,12 +286,12 @@ class PDRouter:
                     return web.Response(status=resp.status, body=data, content_type="application/json")
                 w.served += 1
                 if body.get("stream"):
-                    return await relay_stream(request, resp, pre, w)
+                    return await relay_stream(request, resp, pre, w, chat)
                 try:
                     dec = json.loads(await resp.read())
                 except (aiohttp.ClientError, OSError, TimeoutError) as e:
                     raise _Failed(f"decode worker {w.url}: {type(e).__name__}: {e}") from None
-                return web.json_response(join_responses(pre, dec))
+                return web.json_response(join_responses(pre, dec, chat))
         finally:
             w.in_flight -= 1
 

@@ -39,6 +39,34 @@ def sse_error(message: str, code: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class Piped:
+    """How a passed-through SSE stream ended: ``error`` (the upstream read failed), ``complete``
+    (it ended with ``[DONE]``), ``client_gone`` (a write to the client failed; stopped there)."""
+
+    error: str | None
+    complete: bool
+    client_gone: bool
+
+
+async def pipe_sse(resp: aiohttp.ClientResponse, out: web.StreamResponse, tail: bytes = b"",
+                   feed=None) -> Piped:
+    """Copy ``resp``'s body to ``out`` chunk by chunk (``feed`` may rewrite each chunk) until the
+    upstream ends; ``tail``: the end of what was already written."""
+    while True:
+        try:
+            chunk = await resp.content.readany()
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            return Piped(f"{type(e).__name__}: {e}", False, False)
+        if not chunk:
+            return Piped(None, tail == SSE_DONE, False)
+        try:
+            await out.write(chunk if feed is None else feed(chunk))
+        except (ConnectionResetError, OSError):  # the client left (or the handler is cancelled)
+            return Piped(None, False, True)
+        tail = (tail + chunk)[-len(SSE_DONE):]
+
+
+@dataclass(frozen=True)
 class Retry:
     """This attempt failed before anything reached the client."""
 
@@ -176,29 +204,17 @@ class Proxy:
 
             meter = StreamMeter(adm)  # counts the tenant's tokens as they pass
         await out.write(first if meter is None else meter.feed(first))
-        tail = first[-len(SSE_DONE):]
-        while True:
-            try:
-                chunk = await resp.content.readany()
-            except (aiohttp.ClientError, OSError, TimeoutError) as e:
-                chunk, error = b"", f"{type(e).__name__}: {e}"
-            else:
-                error = None
-            if not chunk:
-                break
-            try:
-                await out.write(chunk if meter is None else meter.feed(chunk))
-            except (ConnectionResetError, OSError):  # the client left (or the handler is cancelled)
-                self.metrics.disconnects.inc()
-                return out  # not read to the end: the upstream connection is dropped, the replica aborts
-            tail = (tail + chunk)[-len(SSE_DONE):]
+        piped = await pipe_sse(resp, out, first[-len(SSE_DONE):], None if meter is None else meter.feed)
+        if piped.client_gone:
+            self.metrics.disconnects.inc()
+            return out  # not read to the end: the upstream connection is dropped, the replica aborts
         if meter is not None:
             await out.write(meter.flush())
-        if error is not None or tail != SSE_DONE:
+        if not piped.complete:
             rep.breaker.record_failure()
             self.metrics.stream_errors.labels(rep.url).inc()
             self.metrics.requests.labels(rep.url, "stream_error").inc()
-            await out.write(sse_error(f"replica {rep.url} failed mid-stream ({error or 'connection closed'}); "
+            await out.write(sse_error(f"replica {rep.url} failed mid-stream ({piped.error or 'connection closed'}); "
                                       "the response is incomplete", "replica_failed"))
         else:
             self._succeeded(rep, resp.status)

@@ -1,5 +1,6 @@
 """Disaggregated serving over HTTP on a tiny random Llama (fp32): one prefill worker, two decode
-workers and ``fleetlm router --pd``. Greedy text through the router equals one co-located server's;
+workers and ``fleetlm router --pd``. Greedy text (completions and chat) through the router equals
+one co-located server's;
 unknown handles are a 404 naming them; a bad ``--kv-transfer-config`` exits 2; 200 requests with random client
 disconnects (before and after the first token) and a killed decode worker leave every request
 with a response or an error and every block back in the pool on the live workers."""
@@ -79,6 +80,38 @@ def test_greedy_text_through_the_pd_router_equals_colocated(fleet):
                 if line.startswith("data: {"):
                     text += json.loads(line[6:])["choices"][0]["text"]
         assert text == want["choices"][0]["text"]
+
+
+def test_greedy_chat_through_the_pd_router_equals_colocated(fleet):
+    """Chat: the decode worker renders the same conversation; the router joins the first token's
+    content with the rest (JSON and SSE deltas); usage counts every token once."""
+    for p in PROMPTS[:3]:
+        req = {"messages": [{"role": "user", "content": p}], "max_completion_tokens": 10, "temperature": 0,
+               "ignore_eos": True, "logprobs": True}
+        want = httpx.post(fleet["ref"].url + "/v1/chat/completions", json=req, timeout=60).json()
+        got = httpx.post(fleet["router"] + "/v1/chat/completions", json=req, timeout=60).json()
+        assert got["object"] == "chat.completion"
+        assert got["choices"][0]["message"] == want["choices"][0]["message"]
+        assert got["choices"][0]["logprobs"]["content"] == want["choices"][0]["logprobs"]["content"]
+        assert got["usage"] == want["usage"] and got["choices"][0]["finish_reason"] == "length"
+        text, roles = "", set()
+        with httpx.stream("POST", fleet["router"] + "/v1/chat/completions", json={**req, "stream": True},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    text += delta.get("content") or ""
+                    roles.add(delta.get("role"))
+        assert text == want["choices"][0]["message"]["content"] and "assistant" in roles
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    r = httpx.post(fleet["router"] + "/v1/chat/completions", json={**req, "tools": tools}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    r = httpx.post(fleet["prod"].url + "/v1/chat/completions",
+                   json={**req, "kv_transfer_params": {"do_remote_decode": True}}, timeout=30)
+    assert r.status_code == 400 and "max_tokens = 1" in r.json()["error"]["message"]
+    r = httpx.post(fleet["decs"][0].url + "/v1/chat/completions", json={**req, "kv_transfer_params": {
+        "remote_address": fleet["addr"], "transfer_id": "chatcmpl-nope"}}, timeout=30)
+    assert r.status_code == 404 and "chatcmpl-nope" in r.json()["error"]["message"]
 
 
 def test_unknown_handle_is_a_404_naming_it_and_bad_params_a_400(fleet):

@@ -83,3 +83,21 @@ def test_load_and_unload_at_run_time(setup):
     again = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "qv2"}, timeout=30)
     assert again.status_code == 404 and again.json()["error"]["code"] == "lora_not_found"
     assert srv.metric("fleetlm:kv_cache_free_blocks") == srv.free_at_start
+
+
+def test_concurrent_loads_of_one_name_from_two_paths_admit_exactly_one(setup, tmp_path):
+    """The check and the add are one step: two loads racing for one name cannot both pass."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv, _, qv, _ = setup
+    twin = shutil.copytree(qv, tmp_path / "qv_twin")
+
+    def load(path):
+        return httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "race", "lora_path": str(path)},
+                          timeout=60)
+
+    with ThreadPoolExecutor(2) as pool:
+        codes = sorted(r.status_code for r in pool.map(load, [qv, twin]))
+    assert codes == [200, 400]
+    assert httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "race"}, timeout=30).status_code == 200

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fleetlm import __version__
 from fleetlm.config import EngineArgs
+from fleetlm.disagg.http import chat as disagg_chat
 from fleetlm.disagg.http import completion as disagg_completion
 from fleetlm.disagg.http import frontend_for
 from fleetlm.engine.async_llm import AsyncLLM
@@ -108,6 +109,8 @@ def build_app(state: ServerState):
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(req: ChatCompletionRequest, request: Request):
+        if req.kv_transfer_params is not None:
+            return await disagg_chat(disagg, req, lambda h, r: generate(h, r, request), chat)
         return await generate(chat, req, request)
 
     @app.get("/v1/models")

@@ -228,6 +228,11 @@ class ChatCompletionRequest(_Sampling, ToolFields):
     max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
     top_logprobs: Int | None = None
+    kv_transfer_params: dict | None = None  # disaggregated prefill/decode (fleetlm/disagg/http.py)
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def aliases(self) -> dict[str, str]:
         names = {"logprobs": "top_logprobs"}  # the engine's count of top tokens is top_logprobs
@@ -238,9 +243,8 @@ class ChatCompletionRequest(_Sampling, ToolFields):
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         n_lp = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(limit, n_lp, None, self.structured_params(self.tool_constraint()))
+        return self.sampling_params(self.limit, n_lp, None, self.structured_params(self.tool_constraint()))
 
 
 class TokenizeRequest(BaseModel):

@@ -32,12 +32,18 @@ class ChatHandler:
     def __init__(self, serving: OpenAIServing) -> None:
         self.s = serving
 
-    def prepare(self, req: ChatCompletionRequest, arrival: float):
+    def prepare(self, req: ChatCompletionRequest, arrival: float, prompt_ids: list[int] | None = None):
+        """``prompt_ids``: the engine prompt, already known (a decode after a remote prefill:
+        the conversation's tokens and the first token, fleetlm/disagg/http.py)."""
         params = self.s.sampling_params(req)
         rid = new_id("chatcmpl")
-        text, ids = self._prompt(req) if req.calls_tools else self.s.chat_prompt(req)
+        text, ids = (None, prompt_ids) if prompt_ids is not None else self.prompt(req)
         prepared = [Prepared(rid, text, ids)]
-        return rid, prepared, self.s.start(prepared, params, req.stream, arrival, req.aliases())
+        return rid, prepared, self.s.start(prepared, params, req.stream, arrival, req.aliases(), req.kv_transfer_params)
+
+    def prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The rendered conversation and its token ids."""
+        return self._prompt(req) if req.calls_tools else self.s.chat_prompt(req)
 
     def _k(self, req: ChatCompletionRequest) -> int:
         return req.top_logprobs or 0
