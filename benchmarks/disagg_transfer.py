@@ -8,8 +8,9 @@ consumer: each fetch is a full ``KVClient.fetch`` (control round trip + data), t
 copies once out of the shared segment.
 
 ``--plan`` adds the estimate ``fleetlm plan --disagg --hardware cpu --probe`` makes for the same
-transfer (``fleetlm/plan/pd.py``: host memory copies at the probed read bandwidth / 2), beside
-each transport's measured median.
+transfer (``fleetlm/plan/pd.py``: loopback TCP at the probed rate plus one copy for ``tcp`` and
+``torch_distributed``, one copy at the probed read bandwidth / 2 for ``shm``), beside each
+transport's measured median.
 
     flock /tmp/fleetlm-bench.lock python benchmarks/disagg_transfer.py --plan --out benchmarks/disagg_transfer.json
 """
@@ -126,17 +127,21 @@ def main() -> None:
 
 def plan_estimates(tokens: int) -> dict:
     """What ``fleetlm plan --disagg --hardware cpu --probe`` estimates for this transfer."""
+    import dataclasses
+
     from fleetlm.plan.hardware import get_hardware
     from fleetlm.plan.pd import HOST_COPIES, kv_link
     from fleetlm.plan.probe import probe
 
     pr = probe()
-    hw = get_hardware("cpu", mem_bandwidth=pr.mem_bandwidth, peak_flops=pr.peak_flops)
+    hw = dataclasses.replace(get_hardware("cpu", mem_bandwidth=pr.mem_bandwidth, peak_flops=pr.peak_flops),
+                             network_bw=pr.tcp_bandwidth)  # what `fleetlm plan --probe` does
     est = {}
     for t in HOST_COPIES:
         link = kv_link(t, hw)
         est[t] = 1e3 * (link.latency_s + nbytes_for(tokens) / link.bandwidth)
-    return {"probe_read_gb_per_s": pr.mem_bandwidth / 1e9, "estimates_ms": est}
+    return {"probe_read_gb_per_s": pr.mem_bandwidth / 1e9, "probe_tcp_gb_per_s": pr.tcp_bandwidth / 1e9,
+            "estimates_ms": est}
 
 
 if __name__ == "__main__":

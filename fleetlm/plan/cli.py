@@ -8,6 +8,7 @@ what is wrong and the accepted values).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -120,7 +121,11 @@ def _hardware(args: argparse.Namespace):
         result = probe()
         bw, flops = result.mem_bandwidth, result.peak_flops
         print(f"fleetlm plan: probe: {bw / 1e9:.1f} GB/s read, {flops / 1e9:.0f} GFLOP/s bf16 "
-              f"matmul, {result.threads} threads", file=sys.stderr)
+              f"matmul, {result.tcp_bandwidth / 1e9:.2f} GB/s loopback TCP, {result.threads} threads",
+              file=sys.stderr)
+        hw = get_hardware(args.hardware, memory=args.memory, mem_bandwidth=bw, peak_flops=flops,
+                          interconnect_bw=args.interconnect_bw)
+        return dataclasses.replace(hw, network_bw=result.tcp_bandwidth)  # workers on this host
     return get_hardware(args.hardware, memory=args.memory, mem_bandwidth=bw, peak_flops=flops,
                         interconnect_bw=args.interconnect_bw)
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 from fleetlm.plan.errors import PlanError, choices_error
 
+CPU_NETWORK_BW = 10e9  # an unprobed CPU host's link to another: a placeholder (``--probe`` measures it)
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -149,7 +150,7 @@ def _custom(key: str, memory: float | None, bw: float | None, flops: float | Non
         name=key, memory_bytes=mem, mem_bandwidth=float(bw),
         peak_flops={"bf16": float(flops), "fp8": float(flops), "fp32": float(flops)},
         interconnect_bw=float(link) if link else (10e9 if is_cpu else 0.0),
-        network_bw=10e9 if is_cpu else 0.0, devices_per_node=1 if is_cpu else 8,
+        network_bw=CPU_NETWORK_BW if is_cpu else 0.0, devices_per_node=1 if is_cpu else 8,
         collective_latency_s=20e-6 if is_cpu else 10e-6,
         runtime_overhead_bytes=0 if is_cpu else 1 * GiB, is_cpu=is_cpu,
         note="user-supplied bandwidth and FLOP/s (same peak for every precision)",

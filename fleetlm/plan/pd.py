@@ -8,8 +8,11 @@ Arithmetic on the roofline of one worker (``roofline.step_cost``), for ``rate`` 
   ``rho * S / (2 (1 - rho))``. TTFT = wait + ``S`` + KV transfer + one decode step on the decode
   worker. ``P`` is the smallest count whose TTFT meets the TTFT SLO (and ``rho < 1``).
 - **KV transfer.** ``latency + input_len * kv_bytes_per_token / bandwidth``, the bandwidth from
-  the transport (``kv_link``): across hosts the NIC; on one host (a CPU machine, or ``shm``)
-  the memory copies on the data path, each at ``mem_bandwidth / 2`` (a copy reads and writes).
+  the transport (``kv_link``): across GPU hosts the NIC; between workers on one CPU host, ``tcp``
+  and ``torch_distributed`` at the loopback TCP rate the probe measured (``--probe``; the CPU
+  entry's ``network_bw`` holds it) then one copy into the paged cache; ``shm`` (or an unprobed
+  CPU host) the memory copies on the data path, each at ``mem_bandwidth / 2`` (a copy reads and
+  writes).
 - **Decode workers.** By Little's law ``rate * (output_len - 1) * TPOT`` sequences decode at
   once; ``D`` workers hold ``b`` of them each, and a step over ``b`` sequences at the mean
   context takes ``t(b)`` = the TPOT. ``D`` is the smallest count whose ``t(b)`` meets the TPOT
@@ -25,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from fleetlm.plan.errors import PlanError
-from fleetlm.plan.hardware import HardwareSpec
+from fleetlm.plan.hardware import CPU_NETWORK_BW, HardwareSpec
 from fleetlm.plan.memory import kv_bytes_per_token, memory_plan
 from fleetlm.plan.model_spec import ModelSpec
 from fleetlm.plan.roofline import Machine, step_cost
@@ -59,6 +62,10 @@ def kv_link(transport: str, hw: HardwareSpec, bandwidth: float | None = None,
     lat = latency_s if latency_s is not None else 50e-6
     if bandwidth is not None:
         return KVLink(transport, bandwidth, lat, "given (--kv-bandwidth)")
+    if hw.is_cpu and transport != "shm" and hw.network_bw and hw.network_bw != CPU_NETWORK_BW:
+        copy = hw.mem_bandwidth / 2
+        return KVLink(transport, 1 / (1 / hw.network_bw + 1 / copy), lat,
+                      "loopback TCP (probed), then one copy into the cache")
     if transport == "shm" or hw.is_cpu:
         copies = HOST_COPIES[transport]
         return KVLink(transport, hw.mem_bandwidth / 2 / copies, lat,

@@ -6,10 +6,14 @@
 * ``gemv_bandwidth``: a bf16 matrix-vector product over a 128 MiB matrix, i.e. the rate at
   which the decode kernels actually stream weights (can be below ``mem_bandwidth`` on CPUs
   whose bf16 GEMV is compute-limited).
+* ``tcp_bandwidth``: 64 MiB over a loopback TCP connection (a sending thread, 1 MiB writes,
+  ``recv_into`` a preallocated buffer): the link between two workers on this host.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,6 +24,7 @@ class ProbeResult:
     peak_flops: float
     gemv_bandwidth: float
     threads: int
+    tcp_bandwidth: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -52,8 +57,35 @@ def _gemv_bandwidth(torch, reps: int) -> float:
     return w.numel() * 2 / _best(lambda: w @ v, reps)
 
 
+def tcp_loopback_bandwidth(nbytes: int = 64 << 20, reps: int = 3) -> float:
+    """Bytes/s through one loopback TCP connection, best of ``reps``."""
+    chunk = b"\0" * (1 << 20)
+    buf = bytearray(nbytes)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+
+        def send() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                for _ in range(reps * (nbytes // len(chunk))):
+                    s.sendall(chunk)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        conn, _ = srv.accept()
+        best = float("inf")
+        with conn:
+            view = memoryview(buf)
+            for _ in range(reps):
+                got, t0 = 0, time.perf_counter()
+                while got < nbytes:
+                    got += conn.recv_into(view[got:], nbytes - got)
+                best = min(best, time.perf_counter() - t0)
+        sender.join()
+    return nbytes / best
+
+
 def probe(reps: int = 5, threads: int | None = None) -> ProbeResult:
-    """Run the three measurements (about 2-3 s) with ``threads`` torch threads."""
+    """Run the four measurements (about 3 s) with ``threads`` torch threads."""
     import torch
 
     if threads:
@@ -63,4 +95,4 @@ def probe(reps: int = 5, threads: int | None = None) -> ProbeResult:
         bandwidth = _read_bandwidth(torch, reps)
         flops = _matmul_flops(torch, reps)
         gemv = _gemv_bandwidth(torch, reps)
-    return ProbeResult(bandwidth, flops, gemv, torch.get_num_threads())
+    return ProbeResult(bandwidth, flops, gemv, torch.get_num_threads(), tcp_loopback_bandwidth())

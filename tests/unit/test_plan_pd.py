@@ -102,3 +102,19 @@ def test_cli_bad_input_exits_2_naming_it(capsys, extra, message):
     argv = ["--model", "llama-3.1-8b", "--disagg", "--request-rate", "10", *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_probed_cpu_host_sends_tcp_at_its_loopback_rate_plus_one_copy():
+    import dataclasses
+
+    probed = dataclasses.replace(CPU, network_bw=2e9)  # what `--probe` puts there
+    link = kv_link("tcp", probed)
+    assert link.bandwidth == pytest.approx(1 / (1 / 2e9 + 1 / 10e9)) and "probed" in link.how
+    assert kv_link("shm", probed).bandwidth == 10e9  # shm never touches a socket
+
+
+def test_the_probe_measures_loopback_tcp():
+    from fleetlm.plan.probe import tcp_loopback_bandwidth
+
+    bw = tcp_loopback_bandwidth(8 << 20, reps=2)
+    assert 1e7 < bw < 1e12
