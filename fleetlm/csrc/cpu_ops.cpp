@@ -370,7 +370,58 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor q, torch::Tensor 
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Group-wise int4 weights, two codes per byte (low nibble = even column) -> the dense weight:
+// w[n, k] = (q - 8) * scale + zero, computed in float32 and rounded once to the output dtype.
+// nibbles [N, K/2] uint8, scales_zeros [K/group, N, 2] (any float dtype) -> [N, K] in `dtype`.
+// One pass over the codes (what the dense GEMM path of prefill reads every step).
+namespace {
+template <typename SZ, typename O>
+void int4_dequant_rows(const uint8_t* b, const SZ* sz, O* out, int64_t N, int64_t K, int64_t group,
+                       int64_t begin, int64_t end) {
+  const int64_t G = K / group;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = b + n * (K / 2);
+    O* o = out + n * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const float scale = to_float(sz[(g * N + n) * 2]);
+      const float zero = to_float(sz[(g * N + n) * 2 + 1]);
+      const uint8_t* bg = row + g * group / 2;
+      O* og = o + g * group;
+      for (int64_t j = 0; j < group / 2; ++j) {
+        const uint8_t v = bg[j];
+        og[2 * j] = static_cast<O>((static_cast<float>(v & 15) - 8.f) * scale + zero);
+        og[2 * j + 1] = static_cast<O>((static_cast<float>(v >> 4) - 8.f) * scale + zero);
+      }
+    }
+  }
+}
+}  // namespace
+
+torch::Tensor int4_dequant(torch::Tensor nibbles, torch::Tensor scales_zeros, int64_t group, at::ScalarType dtype) {
+  TORCH_CHECK(nibbles.scalar_type() == torch::kByte && nibbles.is_contiguous() && scales_zeros.is_contiguous(),
+              "int4_dequant: contiguous uint8 nibbles and scales_zeros");
+  const int64_t N = nibbles.size(0), K = nibbles.size(1) * 2;
+  TORCH_CHECK(group % 2 == 0 && K % group == 0 && scales_zeros.size(0) == K / group && scales_zeros.size(1) == N &&
+              scales_zeros.size(2) == 2, "int4_dequant: shapes disagree");
+  auto out = torch::empty({N, K}, nibbles.options().dtype(dtype));
+  const uint8_t* bp = nibbles.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(1, kInlineElems / K);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scales_zeros.scalar_type(), "int4_dequant_sz", [&] {
+    using SZ = scalar_t;
+    const SZ* szp = scales_zeros.data_ptr<SZ>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "int4_dequant_out", [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+        int4_dequant_rows<SZ, scalar_t>(bp, szp, op, N, K, group, begin, end);
+      });
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_dequant", &int4_dequant, "group-wise int4 nibbles -> dense weight (fp32 math, one rounding)");
   m.def("paged_decode", &paged_decode, "paged decode attention (CPU)");
   m.def("add_rms_norm_", &add_rms_norm_, "in-place (residual add +) RMSNorm");
   m.def("rope_", &rope_, "in-place rotary embedding");

@@ -65,6 +65,7 @@ class LinearBase(nn.Module):
         st = parallel_state()
         self.tp_rank, self.tp_size = st.tp_rank, st.tp_size
         self.input_size, self.output_size = input_size, output_size
+        self.in_per_rank, self.out_per_rank = in_per_rank, out_per_rank  # also when no float weight is kept
         self.linear_method = linear_method or UnquantizedLinearMethod()
         self.linear_method.create_weights(self, in_per_rank, out_per_rank, dtype)
         self.bias = nn.Parameter(torch.empty(out_per_rank, dtype=dtype), requires_grad=False) if bias else None

@@ -37,7 +37,7 @@ TARGETS = tuple(WHERE)
 def _row_range(layer: nn.Module, shard: str | int | None) -> tuple[int, int]:
     """(first row, rows) of ``shard`` in ``layer``'s output."""
     if shard is None:
-        return 0, layer.weight.shape[0]
+        return 0, layer.out_per_rank
     if shard in ("q", "k", "v"):
         q, kv = layer.num_heads * layer.head_dim, layer.num_kv_heads * layer.head_dim
         return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard]
@@ -49,7 +49,7 @@ class LoRADelta(nn.Module):
     def __init__(self, layer: nn.Module, targets: dict[str, str | int | None], r: int, alpha: float,
                  dropout: float) -> None:
         super().__init__()
-        rows_out, cols_in = layer.weight.shape
+        rows_out, cols_in = layer.out_per_rank, layer.in_per_rank  # a quantized base keeps no float weight
         self.out_features, self.scale, self.dropout = rows_out, alpha / r, dropout
         self.ranges = {t: _row_range(layer, s) for t, s in targets.items()}
         self.A = nn.ParameterDict({t: nn.Parameter(torch.empty(r, cols_in)) for t in targets})

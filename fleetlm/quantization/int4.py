@@ -23,7 +23,7 @@ from torch import nn
 
 from fleetlm.layers.linear import LinearMethod
 from fleetlm.quantization.base import as_2d, drop_param, staging_weight
-from fleetlm.quantization.int8 import GEMM_ROWS
+from fleetlm.quantization.int8 import GEMM_ROWS, needs_grad
 
 INT4_GROUP_SIZES = (32, 64, 128)
 _PACK_ROWS = 16  # the CPU packing needs N % 16 == 0
@@ -97,7 +97,8 @@ class Int4LinearMethod(LinearMethod):
         x2, lead = as_2d(x)
         n = layer.out_features
         # the packed kernel is a GEMV, and in fp32 a scalar loop (45x slower than in bf16)
-        if hasattr(layer, "packed") and x2.shape[0] < GEMM_ROWS and x2.dtype != torch.float32:
+        if hasattr(layer, "packed") and x2.shape[0] < GEMM_ROWS and x2.dtype != torch.float32 \
+                and not needs_grad(x2):  # QLoRA: the GEMM path carries the input's gradient
             y = torch._weight_int4pack_mm_for_cpu(x2, layer.packed, self.group_size, layer.scales_zeros)
             y = y[:, :n] if y.shape[1] != n else y
         elif hasattr(layer, "packed"):  # prefill / large batch: dequantize, then the dtype's GEMM
@@ -108,6 +109,11 @@ class Int4LinearMethod(LinearMethod):
         return y if bias is None else y + bias
 
     def _from_nibbles(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        from fleetlm.ops import cpu_ops
+
+        ops = cpu_ops()
+        if ops is not None and hasattr(ops, "int4_dequant"):  # one compiled pass (csrc/cpu_ops.cpp)
+            return ops.int4_dequant(layer.nibbles, layer.scales_zeros, self.group_size, dtype)
         b = layer.nibbles
         q = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(b.shape[0], -1)  # [N', K]
         sz = layer.scales_zeros.float()  # [K/g, N', 2]

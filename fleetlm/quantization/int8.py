@@ -28,12 +28,19 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 GEMM_ROWS = 64  # from this many rows the packed GEMV kernels lose to dequantize + the dtype's GEMM
 
 
+def needs_grad(x: torch.Tensor) -> bool:
+    """The packed kernels have no backward: an input whose gradient is wanted avoids them."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ (q * scale).T`` in ``x``'s dtype; ``scale`` already in that dtype. Below
     ``GEMM_ROWS`` rows the int8 pack kernel (decode); from there, dequantize and GEMM (prefill,
-    large batches: measured 239 ms vs 60 ms for 2048 x [3072, 576])."""
+    large batches: measured 239 ms vs 60 ms for 2048 x [3072, 576]). An input that needs its
+    gradient (QLoRA training) always takes the differentiable GEMM path."""
     x2, lead = as_2d(x)
-    if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32) and x2.shape[0] < GEMM_ROWS:
+    if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32) and x2.shape[0] < GEMM_ROWS \
+            and not needs_grad(x2):
         y = torch._weight_int8pack_mm(x2, q, scale)
     else:
         y = F.linear(x2, q.to(x2.dtype) * scale[:, None])

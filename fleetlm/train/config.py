@@ -28,6 +28,7 @@ class ModelSection:
     tokenizer: str = DEFAULT_MODEL  # for a model from scratch
     seed: int = 0
     max_positions: int = 2048
+    quantization: str | None = None  # int8 | int4[_gNN]: frozen quantized base weights (QLoRA; needs lora.r)
 
 
 @dataclass(frozen=True)

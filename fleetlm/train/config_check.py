@@ -89,6 +89,27 @@ def check_config(cfg: TrainConfig) -> None:
     _positive("logging.every", cfg.logging.every)
     _check_unused_parallel(cfg)
     _check_lora(cfg)
+    _check_qlora(cfg)
+
+
+QLORA_FORMATS = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128")
+
+
+def _check_qlora(cfg: TrainConfig) -> None:
+    """``model.quantization``: the base weights frozen in a weight-only format, adapters trained."""
+    q, p = cfg.model.quantization, cfg.parallelism
+    if q is None:
+        return
+    _choice("model.quantization", q, QLORA_FORMATS)
+    if cfg.model.size is not None:
+        raise ValueError("model.quantization quantizes a pretrained model (model.path) for QLoRA; "
+                         "a model from scratch (model.size) trains its full weights")
+    if not cfg.lora.r:
+        raise ValueError("model.quantization freezes the base weights in int8/int4: set lora.r > 0 to train "
+                         "adapters (QLoRA)")
+    if p.tp > 1 or p.pp > 1 or p.dp_shard > 1 or p.cp > 1:
+        raise ValueError("model.quantization (QLoRA) runs on one process or with parallelism.dp_replicate "
+                         "(DDP); set tp, pp, dp_shard and cp to 1")
 
 
 def _check_unused_parallel(cfg: TrainConfig) -> None:

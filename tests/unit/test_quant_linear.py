@@ -203,3 +203,27 @@ def test_int8_units_read_from_cpuinfo_flags(monkeypatch, tmp_path):
         assert w8a8.int8_matrix_units() == ("avx512_vnni",)
     finally:
         w8a8.int8_matrix_units.cache_clear()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_int4_dequant_rounds_once_from_the_exact_weight(out_dtype):
+    """``int4_dequant`` (the GEMM path's weight, csrc/cpu_ops.cpp) equals (q - 8) * s + z computed
+    exactly and rounded to the output dtype (to one unit in the last place: the kernel's float32
+    multiply-add may be fused), for bf16 scales as the packed layer keeps them; rounding the
+    product and the sum in bf16 separately (the old path) is off by more."""
+    from fleetlm.ops import cpu_ops
+
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("compiled CPU ops unavailable")
+    g = torch.Generator().manual_seed(3)
+    n, k, group = 40, 256, 32
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    sz = (torch.rand(k // group, n, 2, generator=g) - 0.5).to(torch.bfloat16)
+    nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    exact = (q.double().view(n, -1, group) - 8) * sz[..., 0].double().t()[..., None] + sz[..., 1].double().t()[..., None]
+    want = exact.view(n, k).to(out_dtype)
+    got = ops.int4_dequant(nibbles, sz, group, out_dtype)
+    ulp = 2.0**-7 if out_dtype == torch.bfloat16 else 2.0**-23
+    assert ((got.double() - want.double()).abs() <= want.double().abs() * ulp + 1e-30).all()
+    assert (got == want).float().mean() > 0.99
