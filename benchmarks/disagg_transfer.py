@@ -135,12 +135,13 @@ def plan_estimates(tokens: int) -> dict:
 
     pr = probe()
     hw = dataclasses.replace(get_hardware("cpu", mem_bandwidth=pr.mem_bandwidth, peak_flops=pr.peak_flops),
-                             network_bw=pr.tcp_bandwidth)  # what `fleetlm plan --probe` does
+                             network_bw=pr.tcp_bandwidth, page_fault_bw=pr.fault_bandwidth)  # as `plan --probe`
     est = {}
     for t in HOST_COPIES:
         link = kv_link(t, hw)
         est[t] = 1e3 * (link.latency_s + nbytes_for(tokens) / link.bandwidth)
     return {"probe_read_gb_per_s": pr.mem_bandwidth / 1e9, "probe_tcp_gb_per_s": pr.tcp_bandwidth / 1e9,
+            "probe_fault_gb_per_s": pr.fault_bandwidth / 1e9,
             "estimates_ms": est}
 
 

@@ -125,7 +125,8 @@ def _hardware(args: argparse.Namespace):
               file=sys.stderr)
         hw = get_hardware(args.hardware, memory=args.memory, mem_bandwidth=bw, peak_flops=flops,
                           interconnect_bw=args.interconnect_bw)
-        return dataclasses.replace(hw, network_bw=result.tcp_bandwidth)  # workers on this host
+        return dataclasses.replace(hw, network_bw=result.tcp_bandwidth,  # workers on this host
+                                   page_fault_bw=result.fault_bandwidth)
     return get_hardware(args.hardware, memory=args.memory, mem_bandwidth=bw, peak_flops=flops,
                         interconnect_bw=args.interconnect_bw)
 

@@ -50,6 +50,7 @@ class HardwareSpec:
     runtime_overhead_bytes: int = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces, graphs
     is_cpu: bool = False
     note: str = ""
+    page_fault_bw: float = 0.0  # bytes/s of first-touching fresh memory (CPU, probed); 0: not modelled
 
     def flops_for(self, compute: str) -> tuple[float, str]:
         """Peak FLOP/s for ``compute``; falls back (fp8 -> bf16) when the part lacks it."""

@@ -10,9 +10,10 @@ Arithmetic on the roofline of one worker (``roofline.step_cost``), for ``rate`` 
 - **KV transfer.** ``latency + input_len * kv_bytes_per_token / bandwidth``, the bandwidth from
   the transport (``kv_link``): across GPU hosts the NIC; between workers on one CPU host, ``tcp``
   and ``torch_distributed`` at the loopback TCP rate the probe measured (``--probe``; the CPU
-  entry's ``network_bw`` holds it) then one copy into the paged cache; ``shm`` (or an unprobed
-  CPU host) the memory copies on the data path, each at ``mem_bandwidth / 2`` (a copy reads and
-  writes).
+  entry's ``network_bw`` holds it) into a fresh receive buffer (its pages faulted in at the
+  probed ``page_fault_bw``) then one copy into the paged cache; ``shm`` the segment's pages
+  faulted in and one copy; an unprobed CPU host the memory copies on the data path, each at
+  ``mem_bandwidth / 2`` (a copy reads and writes).
 - **Decode workers.** By Little's law ``rate * (output_len - 1) * TPOT`` sequences decode at
   once; ``D`` workers hold ``b`` of them each, and a step over ``b`` sequences at the mean
   context takes ``t(b)`` = the TPOT. ``D`` is the smallest count whose ``t(b)`` meets the TPOT
@@ -62,12 +63,16 @@ def kv_link(transport: str, hw: HardwareSpec, bandwidth: float | None = None,
     lat = latency_s if latency_s is not None else 50e-6
     if bandwidth is not None:
         return KVLink(transport, bandwidth, lat, "given (--kv-bandwidth)")
+    fault = 1 / hw.page_fault_bw if hw.page_fault_bw else 0.0  # seconds per byte landing in fresh pages
     if hw.is_cpu and transport != "shm" and hw.network_bw and hw.network_bw != CPU_NETWORK_BW:
         copy = hw.mem_bandwidth / 2
-        return KVLink(transport, 1 / (1 / hw.network_bw + 1 / copy), lat,
-                      "loopback TCP (probed), then one copy into the cache")
+        return KVLink(transport, 1 / (1 / hw.network_bw + fault + 1 / copy), lat,
+                      "loopback TCP (probed) into a fresh buffer, then one copy into the cache")
     if transport == "shm" or hw.is_cpu:
         copies = HOST_COPIES[transport]
+        if transport == "shm" and fault:
+            return KVLink(transport, 1 / (1 / (hw.mem_bandwidth / 2) + fault), lat,
+                          "the segment's pages faulted in (probed), one copy out of it")
         return KVLink(transport, hw.mem_bandwidth / 2 / copies, lat,
                       f"{copies} host memory cop{'y' if copies == 1 else 'ies'} at mem_bandwidth / 2")
     if transport == "nccl" and hw.interconnect_bw:

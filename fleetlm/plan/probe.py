@@ -8,6 +8,8 @@
   whose bf16 GEMV is compute-limited).
 * ``tcp_bandwidth``: 64 MiB over a loopback TCP connection (a sending thread, 1 MiB writes,
   ``recv_into`` a preallocated buffer): the link between two workers on this host.
+* ``fault_bandwidth``: bytes/s of first-touching freshly allocated memory (one page fault, and
+  the kernel zeroing the page, per 4 KiB): what a receive into a new buffer pays on top.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class ProbeResult:
     gemv_bandwidth: float
     threads: int
     tcp_bandwidth: float = 0.0
+    fault_bandwidth: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -84,6 +87,18 @@ def tcp_loopback_bandwidth(nbytes: int = 64 << 20, reps: int = 3) -> float:
     return nbytes / best
 
 
+def fault_bandwidth(torch, nbytes: int = 64 << 20, reps: int = 3) -> float:
+    """Bytes/s of touching every page of a fresh allocation, best of ``reps``."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x = torch.empty(nbytes, dtype=torch.uint8)
+        x[::4096] = 1
+        best = min(best, time.perf_counter() - t0)
+        del x
+    return nbytes / best
+
+
 def probe(reps: int = 5, threads: int | None = None) -> ProbeResult:
     """Run the four measurements (about 3 s) with ``threads`` torch threads."""
     import torch
@@ -95,4 +110,5 @@ def probe(reps: int = 5, threads: int | None = None) -> ProbeResult:
         bandwidth = _read_bandwidth(torch, reps)
         flops = _matmul_flops(torch, reps)
         gemv = _gemv_bandwidth(torch, reps)
-    return ProbeResult(bandwidth, flops, gemv, torch.get_num_threads(), tcp_loopback_bandwidth())
+        faults = fault_bandwidth(torch)
+    return ProbeResult(bandwidth, flops, gemv, torch.get_num_threads(), tcp_loopback_bandwidth(), faults)

@@ -107,10 +107,10 @@ def test_cli_bad_input_exits_2_naming_it(capsys, extra, message):
 def test_a_probed_cpu_host_sends_tcp_at_its_loopback_rate_plus_one_copy():
     import dataclasses
 
-    probed = dataclasses.replace(CPU, network_bw=2e9)  # what `--probe` puts there
+    probed = dataclasses.replace(CPU, network_bw=2e9, page_fault_bw=4e9)  # what `--probe` puts there
     link = kv_link("tcp", probed)
-    assert link.bandwidth == pytest.approx(1 / (1 / 2e9 + 1 / 10e9)) and "probed" in link.how
-    assert kv_link("shm", probed).bandwidth == 10e9  # shm never touches a socket
+    assert link.bandwidth == pytest.approx(1 / (1 / 2e9 + 1 / 4e9 + 1 / 10e9)) and "probed" in link.how
+    assert kv_link("shm", probed).bandwidth == pytest.approx(1 / (1 / 4e9 + 1 / 10e9))  # no socket
 
 
 def test_the_probe_measures_loopback_tcp():
