@@ -5,9 +5,13 @@ Mixed-precision Adam, as in the ZeRO paper (Rajbhandari et al., 2020, sec. 3.1):
 ZeRO-1 shards the 12 B over the ``dp`` ranks, ZeRO-2 also the grads, ZeRO-3 also the params
 (and gathers two layers' bf16 params at a time: the current one and the prefetched next).
 PyTorch FSDP2 with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` keeps the
-sharded params in fp32 (4), grads in fp32 (4) and Adam state (8): 16 B/param / dp, plus the
-unsharded bf16 params of two units and the bf16 grads of one, a unit being a decoder layer or,
-when the vocabulary makes it bigger, the embedding or the LM head (FSDP gathers each whole).
+sharded params in fp32 (4), grads in fp32 (4) and Adam state (8): 16 B/param / dp, plus, for
+the largest unit (a decoder layer or, when the vocabulary makes it bigger, the embedding or the
+LM head: FSDP gathers each whole), its unsharded bf16 params twice (the current and the
+prefetched unit), the all-gather's flat output before it is copied out into them, the unit's
+unsharded bf16 grads, and the reduce-scatter's flat input in the fp32 reduce dtype. DDP keeps
+its gradients as views of the all-reduce buckets (``gradient_as_bucket_view``, as fleetlm's
+trainer does), so no second copy.
 
 Activations saved for backward, per token and layer, bf16, flash attention (no score matrix):
 the two norm inputs and their outputs (4h), Q, K, V and the attention output
@@ -106,8 +110,8 @@ def state_bytes(strategy: str, n: float, dp: int, layer: float = 0.0,
     compute dtype (``compute_bytes``: 2 for bf16, 4 for float32 training).
     """
     cb = compute_bytes
-    if strategy == "fsdp2":
-        return 4 * n / dp, 4 * n / dp, 8 * n / dp, 2 * cb * layer + cb * layer
+    if strategy == "fsdp2":  # params x2 (current, prefetched) + all-gather output + grads + fp32 reduce input
+        return 4 * n / dp, 4 * n / dp, 8 * n / dp, 4 * cb * layer + 4 * layer
     p, g, o = {"ddp": (1, 1, 1), "zero1": (1, 1, dp), "zero2": (1, dp, dp),
                "zero3": (dp, dp, dp)}[strategy]
     return 2 * n / p, 2 * n / g, 12 * n / o, (2 * cb * layer if strategy == "zero3" else 0.0)

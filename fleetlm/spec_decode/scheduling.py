@@ -100,6 +100,7 @@ class SpecScheduler:
         self.scheduled: dict[str, int] = {}  # drafts in the step in flight, per request
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self.acceptance = PRIOR_ACCEPTANCE
+        self._measured = 0  # drafts verified so far: the estimate is their running mean until EMA_WEIGHT
         self._steps_off = 0
         self._probe_budget: int | None = None  # requests that may still verify the last probe's drafts
         self.last_k = config.num_speculative_tokens
@@ -163,7 +164,10 @@ class SpecScheduler:
             if self.tree is not None and uses_tree(self.config, req.sampling_params):
                 offered = self.tree.depth_of(k)  # k tree nodes; the positions offered are its depth
             self.stats.record(offered, accepted)
-            self.acceptance += EMA_WEIGHT * (accepted / offered - self.acceptance)
+            # the prior counts as one draft: the mean of what was measured, then a moving average
+            # (a proposer that never hits is off after a couple of drafts, not after ~20)
+            self._measured += 1
+            self.acceptance += max(EMA_WEIGHT, 1 / (self._measured + 1)) * (accepted / offered - self.acceptance)
         if new_drafts:
             self.drafts[req.request_id] = list(new_drafts)
 

@@ -139,7 +139,7 @@ def apply_data_parallel(root: nn.Module, layers: list[nn.Module], p: Parallelism
 
         if prec.param_dtype != "float32":
             raise ValueError("precision.param_dtype bfloat16 needs FSDP (parallelism.dp_shard > 1)")
-        replicate(root, device_mesh=layout.mesh["cp"])
+        replicate(root, device_mesh=layout.mesh["cp"], gradient_as_bucket_view=True)
         return
     if p.dp == 1:
         if prec.param_dtype != "float32":
@@ -150,7 +150,8 @@ def apply_data_parallel(root: nn.Module, layers: list[nn.Module], p: Parallelism
 
         if prec.param_dtype != "float32":
             raise ValueError("precision.param_dtype bfloat16 needs FSDP (parallelism.dp_shard > 1), not DDP")
-        replicate(root, device_mesh=layout.mesh["dp_replicate"])
+        # gradients live in the all-reduce buckets (no second copy of every gradient)
+        replicate(root, device_mesh=layout.mesh["dp_replicate"], gradient_as_bucket_view=True)
         return
     import warnings
 
