@@ -3,10 +3,13 @@
 ``TrainingLM`` is the root module the data-parallel wrappers see: its forward runs the model
 and the head and returns the loss, so FSDP2 gathers the head's weight inside the forward.
 
-Under TP the head's weight holds this rank's vocabulary rows. The logits are gathered with an
-autograd function whose backward hands each rank its slice of the (identical) logits gradient,
-and the hidden states enter through ``copy_to_tensor_model_parallel_region``, whose backward
-sums the hidden-state gradient over the TP ranks' vocabulary slices.
+Under TP the head's weight holds this rank's vocabulary rows, and the loss is computed on
+them without gathering the logits (vocabulary-parallel cross entropy): the max, the sum of
+exponentials and the target's logit are all-reduced over the TP group, and each rank's backward
+is its own slice's ``softmax - onehot``. The hidden states enter through
+``copy_to_tensor_model_parallel_region``, whose backward sums the hidden-state gradient over the
+TP ranks' vocabulary slices. ``head_logits`` (full logits on every rank, gathered with an
+autograd function) stays for callers that need the logits themselves.
 """
 
 from __future__ import annotations
@@ -46,6 +49,49 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
+class _VocabParallelCE(torch.autograd.Function):
+    """Per-token cross entropy from this rank's vocabulary columns ``[start, start + width)``;
+    columns at or past ``vocab`` (padding) take no part."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, targets: torch.Tensor, start: int, vocab: int) -> torch.Tensor:
+        group = get_tp_group()
+        width = local.shape[-1]
+        valid = min(width, max(0, vocab - start))
+        x = local.float()
+        if valid < width:
+            x = x.clone()
+            x[:, valid:] = float("-inf")
+        m = x.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(x - m[:, None])
+        s = e.sum(dim=-1)
+        dist.all_reduce(s, group=group)
+        mine = (targets >= start) & (targets < start + valid)
+        idx = (targets - start).clamp(0, width - 1)
+        t = torch.where(mine, x.gather(1, idx[:, None])[:, 0], torch.zeros_like(m))
+        dist.all_reduce(t, group=group)
+        ctx.save_for_backward(e.div_(s[:, None]), mine, idx)  # the softmax, in place: one [N, V/tp] buffer
+        ctx.dtype = local.dtype
+        return torch.log(s) + m - t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g, mine, idx = ctx.saved_tensors  # the softmax, turned into its gradient in place (one backward)
+        rows = torch.nonzero(mine)[:, 0]
+        g[rows, idx[rows]] -= 1.0
+        return g.mul_(grad[:, None]).to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss under TP without the full logits on any rank."""
+    st = parallel_state()
+    local = F.linear(copy_to_tensor_model_parallel_region(hidden), head.weight)
+    width = local.shape[-1]
+    per_token = _VocabParallelCE.apply(local.flatten(0, -2), targets.flatten(), st.tp_rank * width, head.vocab_size)
+    return per_token.mean()
+
+
 class TrainingLM(nn.Module):
     """``forward(inputs [B, T], targets [B, T])`` -> mean next-token loss (plus, for an MoE,
     its router losses: ``moe_loss``, fleetlm/moe/losses.py)."""
@@ -63,5 +109,9 @@ class TrainingLM(nn.Module):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """``positions``: the tokens' positions (context parallelism: global positions of this
         rank's chunks); None: ``0 .. T-1``."""
-        loss = next_token_loss(head_logits(self.lm.lm_head, self.lm(inputs, positions)), targets)
+        hidden = self.lm(inputs, positions)
+        if parallel_state().tp_size > 1:
+            loss = vocab_parallel_loss(self.lm.lm_head, hidden, targets)
+        else:
+            loss = next_token_loss(head_logits(self.lm.lm_head, hidden), targets)
         return loss if self.moe_loss is None else loss + self.moe_loss(self.lm)
