@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers, verification and the scheduler's bookkeeping (docs/SPEC_DECODE.md)."""
