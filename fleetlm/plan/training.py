@@ -11,7 +11,9 @@ LM head: FSDP gathers each whole), its unsharded bf16 params twice (the current 
 prefetched unit), the all-gather's flat output before it is copied out into them, the unit's
 unsharded bf16 grads, and the reduce-scatter's flat input in the fp32 reduce dtype. DDP keeps
 its gradients as views of the all-reduce buckets (``gradient_as_bucket_view``, as fleetlm's
-trainer does), so no second copy.
+trainer does), so no second copy. The optimizer step adds, for its largest tensor (this rank's
+slice of the embedding or head, or of the widest matrix), the two fp32 temporaries AdamW's
+``sqrt(v) / bias_correction`` makes (PyTorch's per-tensor implementation).
 
 Activations saved for backward, per token and layer, bf16, flash attention (no score matrix):
 the two norm inputs and their outputs (4h), Q, K, V and the attention output
@@ -128,8 +130,11 @@ def strategy_memory(m: ModelSpec, hw: HardwareSpec, strategy: str, *, dp: int, t
     # FSDP units: each decoder layer, and the embedding and head (one unit when tied)
     unit = max(max(sum(layer_params(m, i)) for i in range(m.num_layers)), m.vocab_size * m.hidden_size)
     layer = unit / tp
+    params, grads, optimizer, buffers = state_bytes(strategy, n, dp, layer, act_bytes)
+    biggest = max(m.vocab_size * m.hidden_size, m.hidden_size * mlp_width(m)) / tp
+    step_temps = 2 * 4 * biggest / (dp if strategy in ("zero1", "zero2", "zero3", "fsdp2") else 1)
     return StrategyMemory(
-        strategy, *state_bytes(strategy, n, dp, layer, act_bytes),
+        strategy, params, grads, optimizer, buffers + step_temps,
         activation_bytes(m, seq_len, micro_batch, tp, False, act_bytes),
         activation_bytes(m, seq_len, micro_batch, tp, True, act_bytes),
         hw.runtime_overhead_bytes, hw.memory_bytes * memory_utilization)
