@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from fleetlm.router.proxy import SSE_DONE, pipe_sse, sse_error
+
 if TYPE_CHECKING:
     from fleetlm.router.pd import PDWorker
-
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 def max_tokens(body: dict, chat: bool) -> int | None:
@@ -93,8 +93,6 @@ async def relay_stream(request: web.Request, resp: aiohttp.ClientResponse, pre: 
                        chat: bool = False) -> web.StreamResponse:
     """The first token's event, then the decode worker's stream (a cut stream ends with an
     error event; a client that left stops the copy, which drops the upstream request)."""
-    from fleetlm.router.proxy import pipe_sse, sse_error
-
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await out.prepare(request)
     await out.write(first_chunk(pre, chat))

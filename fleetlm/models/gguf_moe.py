@@ -32,6 +32,11 @@ _SHARED = {"ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp
            "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 
 
+def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
+    """A ``GGUFReader``'s tensors: name -> shape, rows first (as torch sees it)."""
+    return {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in reader.tensors}
+
+
 def is_moe_gguf(fields: dict[str, Any]) -> bool:
     arch = fields.get("general.architecture")
     return arch in MOE_ARCHS or bool(fields.get(f"{arch}.expert_count"))

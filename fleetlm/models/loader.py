@@ -163,14 +163,13 @@ def gguf_fields(reader: Any) -> dict[str, Any]:
     return out
 
 
-def config_from_gguf(fields: dict[str, Any], tensor_names: set[str] | dict[str, tuple[int, ...]]) -> ModelConfig:
-    """``tensor_names``: the file's tensors (a dict name -> shape, rows first, for MoE files)."""
+def config_from_gguf(fields: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """``shapes``: the file's tensors, name -> shape rows first (``gguf_moe.tensor_shapes``)."""
     from fleetlm.models import gguf_moe
 
     arch = fields.get("general.architecture")
     moe, architecture = None, _GGUF_ARCHS.get(arch)
     if gguf_moe.is_moe_gguf(fields):
-        shapes = tensor_names if isinstance(tensor_names, dict) else {}
         architecture, moe, dense_width = gguf_moe.moe_config_from_gguf(fields, shapes)
     elif arch not in _GGUF_ARCHS:
         supported = (*_GGUF_ARCHS, *gguf_moe.MOE_ARCHS)
@@ -201,8 +200,8 @@ def config_from_gguf(fields: dict[str, Any], tensor_names: set[str] | dict[str, 
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         max_position_embeddings=get("context_length"),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        tie_word_embeddings="output.weight" not in shapes,
+        attention_bias="blk.0.attn_q.bias" in shapes,
         rope_scaling=rope_scaling,
         moe=moe,
     )
@@ -235,10 +234,12 @@ def _hf_name(gguf_name: str, architecture: str = "") -> str:
 def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> LoadedModel:
     import gguf
 
+    from fleetlm.models.gguf_moe import is_expert_kind, tensor_shapes
+
     reader = gguf.GGUFReader(str(path))
     fields = gguf_fields(reader)
-    config = config_from_gguf(fields, {t.name: tuple(int(x) for x in reversed(t.shape.tolist()))
-                                       for t in reader.tensors})
+    shapes = tensor_shapes(reader)
+    config = config_from_gguf(fields, shapes)
     freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     if freqs is not None:  # RoPE frequency factors stored as a tensor (Llama-3.1 style scaling)
         factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
@@ -260,15 +261,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
             def unpermute(a: np.ndarray, kind: str = kind, heads: int = heads) -> np.ndarray:
                 return _unpermute_qk(a, heads) if llama_permuted and kind in ("attn_q", "attn_k") else a
 
-            if kept is not None and not kind.endswith("_exps") and gq.is_kept(kept, _hf_name(t.name, config.architecture)):
-                yield from gq.kept_tensors(t, _hf_name(t.name, config.architecture), unpermute)
-                continue
+            if kept is not None and not is_expert_kind(kind):
+                hf = _hf_name(t.name, config.architecture)
+                if gq.is_kept(kept, hf):
+                    yield from gq.kept_tensors(t, hf, unpermute)
+                    continue
             if kept is not None and kept.head == "int8_group" and t.name in gq.head_names(config):
                 yield from gq.head_tensors(t)
                 if t.name == "output.weight":
                     continue
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            arr = unpermute(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
+            arr = unpermute(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]))
             if config.moe is not None and kind:
                 yield from _moe_tensors(t.name, kind, arr, config.architecture, dtype)
                 continue

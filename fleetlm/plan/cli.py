@@ -123,12 +123,11 @@ def _hardware(args: argparse.Namespace):
         print(f"fleetlm plan: probe: {bw / 1e9:.1f} GB/s read, {flops / 1e9:.0f} GFLOP/s bf16 "
               f"matmul, {result.tcp_bandwidth / 1e9:.2f} GB/s loopback TCP, {result.threads} threads",
               file=sys.stderr)
-        hw = get_hardware(args.hardware, memory=args.memory, mem_bandwidth=bw, peak_flops=flops,
-                          interconnect_bw=args.interconnect_bw)
-        return dataclasses.replace(hw, network_bw=result.tcp_bandwidth,  # workers on this host
-                                   page_fault_bw=result.fault_bandwidth)
-    return get_hardware(args.hardware, memory=args.memory, mem_bandwidth=bw, peak_flops=flops,
-                        interconnect_bw=args.interconnect_bw)
+    hw = get_hardware(args.hardware, memory=args.memory, mem_bandwidth=bw, peak_flops=flops,
+                      interconnect_bw=args.interconnect_bw)
+    if args.probe:  # the link between workers on this host, as measured
+        hw = dataclasses.replace(hw, network_bw=result.tcp_bandwidth, page_fault_bw=result.fault_bandwidth)
+    return hw
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -198,8 +198,7 @@ def _gguf_moe(f, arch: str, reader):
     fields = {k: _field(f, k) for k in f if k == "general.architecture" or k.startswith(arch + ".")}
     if not gguf_moe.is_moe_gguf(fields):
         return None
-    shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in reader.tensors}
     try:
-        return gguf_moe.moe_config_from_gguf(fields, shapes)[1]
+        return gguf_moe.moe_config_from_gguf(fields, gguf_moe.tensor_shapes(reader))[1]
     except ValueError as e:
         raise PlanError(str(e)) from None

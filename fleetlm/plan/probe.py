@@ -81,7 +81,10 @@ def tcp_loopback_bandwidth(nbytes: int = 64 << 20, reps: int = 3) -> float:
             for _ in range(reps):
                 got, t0 = 0, time.perf_counter()
                 while got < nbytes:
-                    got += conn.recv_into(view[got:], nbytes - got)
+                    n = conn.recv_into(view[got:], nbytes - got)
+                    if n == 0:
+                        raise RuntimeError("loopback TCP probe: the sender closed early")
+                    got += n
                 best = min(best, time.perf_counter() - t0)
         sender.join()
     return nbytes / best

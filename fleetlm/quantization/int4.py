@@ -92,6 +92,10 @@ class Int4LinearMethod(LinearMethod):
         layer.register_buffer("scales_zeros", sz, persistent=False)
         # the kernel's packing is opaque; two codes per byte of our own for the GEMM path
         layer.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), persistent=False)
+        from fleetlm.ops import cpu_ops
+
+        ops = cpu_ops()
+        layer.dequant_kernel = ops if ops is not None and hasattr(ops, "int4_dequant") else None
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2, lead = as_2d(x)
@@ -109,17 +113,12 @@ class Int4LinearMethod(LinearMethod):
         return y if bias is None else y + bias
 
     def _from_nibbles(self, layer, dtype: torch.dtype) -> torch.Tensor:
-        from fleetlm.ops import cpu_ops
-
-        ops = cpu_ops()
-        if ops is not None and hasattr(ops, "int4_dequant"):  # one compiled pass (csrc/cpu_ops.cpp)
-            return ops.int4_dequant(layer.nibbles, layer.scales_zeros, self.group_size, dtype)
+        if layer.dequant_kernel is not None:  # one compiled pass (csrc/cpu_ops.cpp)
+            return layer.dequant_kernel.int4_dequant(layer.nibbles, layer.scales_zeros, self.group_size, dtype)
         b = layer.nibbles
         q = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(b.shape[0], -1)  # [N', K]
-        sz = layer.scales_zeros.float()  # [K/g, N', 2]
-        g = self.group_size
-        w = (q.float().view(q.shape[0], -1, g) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
-        return w.view(q.shape[0], -1).to(dtype)
+        sz = layer.scales_zeros  # [K/g, N', 2]
+        return dequantize_int4(q, sz[..., 0].t(), sz[..., 1].t()).to(dtype)
 
     def dequantized(self, layer) -> torch.Tensor:
         """The weight this layer computes with, [N, K] fp32 (tests compare against it)."""

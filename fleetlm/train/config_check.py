@@ -92,7 +92,11 @@ def check_config(cfg: TrainConfig) -> None:
     _check_qlora(cfg)
 
 
-QLORA_FORMATS = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128")
+def _qlora_formats() -> tuple[str, ...]:
+    """The weight-only formats (``fleetlm/quantization``): what a frozen base can be trained over."""
+    from fleetlm.quantization import quantization_names
+
+    return tuple(n for n in quantization_names() if n.startswith(("int8", "int4")))
 
 
 def _check_qlora(cfg: TrainConfig) -> None:
@@ -100,7 +104,7 @@ def _check_qlora(cfg: TrainConfig) -> None:
     q, p = cfg.model.quantization, cfg.parallelism
     if q is None:
         return
-    _choice("model.quantization", q, QLORA_FORMATS)
+    _choice("model.quantization", q, _qlora_formats())
     if cfg.model.size is not None:
         raise ValueError("model.quantization quantizes a pretrained model (model.path) for QLoRA; "
                          "a model from scratch (model.size) trains its full weights")

@@ -53,7 +53,9 @@ def test_engine_model_runner_allocates_planned_bytes(smollm2_gguf):
     from fleetlm.plan.model_load import gguf_reader
 
     reader = gguf_reader(smollm2_gguf)
-    cfg = loader.config_from_gguf(loader.gguf_fields(reader), {t.name for t in reader.tensors})
+    from fleetlm.models.gguf_moe import tensor_shapes
+
+    cfg = loader.config_from_gguf(loader.gguf_fields(reader), tensor_shapes(reader))
     per_token = kv_cache_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2)
     assert per_token == 23_040
     blocks = kv_cache_num_blocks(BUDGET, 16, per_token)
