@@ -11,8 +11,9 @@ left out); these follow fleetlm's tensors, so a test can compare them with the b
 - ``int4`` (group ``g``): ``N' K / 2`` packed bytes for the kernel, as many again of nibbles for
   the prefill GEMM path, + ``K / g x N' x 2`` scale/zero pairs in the model dtype,
   ``N' = ceil(N / 16) 16`` (the CPU packing pads rows); LM head as ``int8``;
-- GGUF kept ``Q4_0``/``Q4_1``: as ``int4`` with ``g = 32``; ``Q8_0``: ``N K`` int8 + ``N K / 32``
-  fp32 scales; a Q8_0 LM head likewise.
+- GGUF kept ``Q4_0``/``Q4_1``/``Q4_K``: as ``int4`` with ``g = 32``; ``Q8_0``: ``N K`` int8 +
+  ``N K / 32`` fp32 scales; ``Q6_K``: ``N K`` int8 + ``N K / 16`` fp32 scales; a Q8_0 or Q6_K LM
+  head likewise (``int8_group`` / ``int8_group16``).
 """
 
 from __future__ import annotations
@@ -49,15 +50,17 @@ def matrix_bytes(fmt: str, n: int, k: int, act_bytes: int) -> int:
         return 2 * n * k + n * act_bytes + n * 4
     if fmt in ("Q8_0", "int8_group"):
         return n * k + n * k // 32 * 4
-    group = 32 if fmt in ("Q4_0", "Q4_1") else int(fmt.split("_g")[1])
+    if fmt in ("Q6_K", "int8_group16"):
+        return n * k + n * k // 16 * 4
+    group = 32 if fmt in ("Q4_0", "Q4_1", "Q4_K") else int(fmt.split("_g")[1])
     n_pad = math.ceil(n / 16) * 16
     return 2 * (n_pad * k // 2) + k // group * n_pad * 2 * act_bytes  # kernel packing + GEMM-path nibbles
 
 
 def engine_weight_bytes(d: Dims, fmt: str, act_bytes: int = 2, head: str | None = None) -> int:
     """Linear layers + embedding + LM head. ``fmt``: ``none`` | ``int8`` | ``w8a8`` |
-    ``int4_g{32,64,128}`` | a GGUF type kept for every layer (``Q4_0``/``Q4_1``/``Q8_0``);
-    ``head``: ``int8`` | ``int8_group`` | None (unquantized head; the default for ``none``)."""
+    ``int4_g{32,64,128}`` | a GGUF type kept for every layer (``Q4_0``/``Q4_1``/``Q4_K``/``Q8_0``/
+    ``Q6_K``); ``head``: ``int8`` | ``int8_group`` | ``int8_group16`` | None (unquantized head; the default for ``none``)."""
     total = sum(matrix_bytes(fmt, n, k, act_bytes) for n, k in matrices(d))
     embed = d.vocab * d.hidden * act_bytes
     if head is None and fmt not in ("none", "dequantize"):

@@ -50,15 +50,17 @@ class Int8GroupLMHead(Int8LMHead):
     scales exactly as shipped (``lm_head.qweight`` / ``lm_head.scales``), computed by the
     group-wise int8 method; the embedding lookup reads the dequantized table."""
 
+    group_size = 32
+
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype,
                  tie_to: VocabParallelEmbedding | None = None) -> None:
         from fleetlm.quantization.int8_group import Int8GroupLinearMethod
 
         super().__init__(vocab_size, hidden_size, dtype=dtype, tie_to=tie_to)
-        if not self.tied:
+        if not self.tied:  # an empty buffer, not a parameter: the checkpoint has no full matrix to fill
             del self.weight
-            self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-        self.method = Int8GroupLinearMethod(32)
+            self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+        self.method = Int8GroupLinearMethod(self.group_size)
         self.method.create_weights(self, hidden_size, self.per_rank, dtype)
 
     def process_weights_after_loading(self) -> None:
@@ -68,7 +70,13 @@ class Int8GroupLMHead(Int8LMHead):
         return self.method.apply(self, hidden, None)
 
 
+class Int8Group16LMHead(Int8GroupLMHead):
+    """A GGUF Q6_K output matrix as shipped: int8 codes ``q - 32``, one scale per 16 weights."""
+
+    group_size = 16
+
+
 def lm_head_class(kind: str) -> type[ParallelLMHead]:
-    """``QuantConfig.lm_head()`` -> the head class: ``int8`` (per row, quantized at load) or
-    ``int8_group`` (GGUF Q8_0 as shipped)."""
-    return {"int8": Int8LMHead, "int8_group": Int8GroupLMHead}[kind]
+    """``QuantConfig.lm_head()`` -> the head class: ``int8`` (per row, quantized at load),
+    ``int8_group`` (GGUF Q8_0 as shipped) or ``int8_group16`` (GGUF Q6_K as shipped)."""
+    return {"int8": Int8LMHead, "int8_group": Int8GroupLMHead, "int8_group16": Int8Group16LMHead}[kind]
