@@ -26,8 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, help="CPU intra-op threads (default: all usable cores)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch_paged", "cpu_native"])
     g.add_argument("--quantization", "-q", default=None,
-                   help="weights quantized at load: int8 | int4 | int4_g32 | int4_g64 | int4_g128 | w8a8 "
-                        "(docs/QUANTIZATION.md); a quantized GGUF stays as shipped without it")
+                   help="weights quantized at load: int8 | int4 | int4_g32 | int4_g64 | int4_g128 | w8a8; "
+                        "dequantize | gguf (a GGUF's quantized tensors; kept by default in bf16); gptq | awq "
+                        "(a pre-quantized HF directory; picked up without it) (docs/QUANTIZATION.md)")
     g.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) | int8 | fp8_e4m3")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks splitting every layer")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="stages splitting the layers")

@@ -13,8 +13,9 @@ Spellings (llama.cpp's converters):
 
 Tensors: ``blk.N.ffn_gate_inp`` (the router, [E, hidden]); ``ffn_gate_exps`` / ``ffn_up_exps``
 ([E, width, hidden]) and ``ffn_down_exps`` ([E, hidden, width]), one slice per expert;
-``ffn_{gate,up,down}_shexp`` (the shared expert); ``attn_q_norm`` / ``attn_k_norm``. Expert
-tensors are dequantized at load (the experts' fused layer has no GGUF-kept method). A file whose
+``ffn_{gate,up,down}_shexp`` (the shared expert); ``attn_q_norm`` / ``attn_k_norm``. MXFP4
+expert tensors stay quantized (``quantization/mxfp4.py``: ``MXFP4MoEMethod``); experts of every
+other type are dequantized at load. A file whose
 expert tensors disagree with its metadata is refused naming the tensor and the key.
 """
 

@@ -147,22 +147,28 @@ _STACKED = (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"), ("v_proj",
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+def make_lm_head(cfg: ModelConfig, dtype: torch.dtype, model: nn.Module) -> nn.Module:
+    """The LM head of the last pipeline stage (a placeholder elsewhere): tied to ``model``'s
+    embedding when the config says so, computed the way the quantization says (its
+    ``lm_head()``: an int8 copy, or a GGUF Q8_0 / Q6_K output matrix as shipped)."""
+    st = parallel_state()
+    if not st.is_last_stage:
+        return PPMissingLayer()
+    tie = model.embed_tokens if cfg.tie_word_embeddings and st.is_first_stage else None
+    head_cls = ParallelLMHead
+    if cfg.quantization is not None and cfg.quantization.lm_head() is not None:
+        from fleetlm.quantization.lm_head import lm_head_class
+
+        head_cls = lm_head_class(cfg.quantization.lm_head())
+    return head_cls(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tie_to=tie)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, layers: range | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, dtype, max_positions, layers if layers is not None else range(cfg.num_layers))
-        st = parallel_state()
-        if not st.is_last_stage:
-            self.lm_head = PPMissingLayer()
-        else:
-            tie = self.model.embed_tokens if cfg.tie_word_embeddings and st.is_first_stage else None
-            head_cls = ParallelLMHead
-            if cfg.quantization is not None and cfg.quantization.lm_head() is not None:
-                from fleetlm.quantization.lm_head import lm_head_class
-
-                head_cls = lm_head_class(cfg.quantization.lm_head())
-            self.lm_head = head_cls(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tie_to=tie)
+        self.lm_head = make_lm_head(cfg, dtype, self.model)
 
     @property
     def layers(self) -> nn.ModuleList:

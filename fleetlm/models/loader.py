@@ -57,7 +57,10 @@ def load_model_files(path: Path, dtype: torch.dtype, quantization: str | None = 
     files = _load_files(path, dtype, quantization)
     if quantization == "gguf" and files.source != "gguf":
         raise ValueError(f"quantization 'gguf' keeps a GGUF file's tensors quantized; {path} is not a GGUF file")
-    if quantization not in (None, "gguf"):
+    if quantization in ("gptq", "awq") and getattr(files.config.quantization, "name", None) != quantization:
+        raise ValueError(f"quantization {quantization!r} loads a Hugging Face directory whose config.json "
+                         f"quantization_config has quant_method {quantization!r}; {path} is not one")
+    if quantization not in (None, "gguf", "gptq", "awq"):  # gptq / awq: set by the HF loader
         from fleetlm.quantization import get_quant_config
 
         files.config = dataclasses.replace(files.config, quantization=get_quant_config(quantization))
@@ -68,7 +71,7 @@ def _load_files(path: Path, dtype: torch.dtype, quantization: str | None) -> Loa
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"{path} is a directory without config.json: not a Hugging Face model directory")
-        return _load_hf_dir(path, dtype)
+        return _load_hf_dir(path, dtype, quantization)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
@@ -125,7 +128,7 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return None if kind == "default" else dict(rs, rope_type=kind)
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_hf_dir(path: Path, dtype: torch.dtype, quantization: str | None = None) -> LoadedModel:
     from safetensors import safe_open
 
     cfg = json.loads((path / "config.json").read_text())
@@ -133,6 +136,11 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path} has config.json but no *.safetensors weights")
+    if cfg.get("quantization_config") is not None:  # pre-quantized: GPTQ / AWQ (fleetlm/quantization/gptq.py)
+        from fleetlm.quantization.gptq import load_prequantized
+
+        config, prequantized = load_prequantized(cfg["quantization_config"], config, files, dtype, quantization)
+        return LoadedModel(config, tokenizer_from_hf_dir(path, cfg), prequantized, "hf")
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for f in files:
@@ -245,13 +253,15 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
         factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
         config = dataclasses.replace(config, rope_scaling={"rope_type": "freq_factors", "factors": tuple(float(f) for f in factors)})
     llama_permuted = fields.get("general.architecture") == "llama"
-    kept = None
+    kept, mxfp4_names = None, frozenset()
     if keep_quantized:
         from fleetlm.quantization import gguf as gq
 
-        kept = gq.plan_kept(list(reader.tensors))
-        if kept is not None:
-            config = dataclasses.replace(config, quantization=kept)
+        mxfp4_experts, mxfp4_names = _plan_mxfp4_experts(reader, config)
+        kept = gq.plan_kept([t for t in reader.tensors if t.name not in mxfp4_names])
+        quant = _with_mxfp4_experts(kept, mxfp4_experts)
+        if quant is not None:
+            config = dataclasses.replace(config, quantization=quant)
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for t in (t for t in reader.tensors if t.name != ROPE_FREQS):
@@ -270,6 +280,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> 
                 yield from gq.head_tensors(t)
                 if t.name == "output.weight":
                     continue
+            if t.name in mxfp4_names:  # routed experts kept in MXFP4: their raw blocks, per expert
+                yield from _mxfp4_expert_tensors(t, kind, config.architecture)
+                continue
             arr = unpermute(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]))
             if config.moe is not None and kind:
                 yield from _moe_tensors(t.name, kind, arr, config.architecture, dtype)
@@ -294,3 +307,25 @@ def _moe_tensors(name: str, kind: str, arr: np.ndarray, architecture: str, dtype
         yield _hf_name(name, architecture), t(arr.reshape(1, -1))
     else:
         yield _hf_name(name, architecture), t(arr)
+
+
+# -- GGUF MXFP4 experts (fleetlm/quantization/mxfp4.py) ------------------------------------------
+def _plan_mxfp4_experts(reader: Any, config: ModelConfig) -> tuple[frozenset[str], frozenset[str]]:
+    """(FusedMoE prefixes kept in MXFP4, their GGUF expert tensor names); empty for a dense model."""
+    if config.moe is None:
+        return frozenset(), frozenset()
+    from fleetlm.quantization.mxfp4 import plan_experts
+
+    return plan_experts(reader.tensors, config.architecture)
+
+
+def _with_mxfp4_experts(kept: Any, experts: frozenset[str]) -> Any:
+    from fleetlm.quantization.mxfp4 import with_experts
+
+    return with_experts(kept, experts)
+
+
+def _mxfp4_expert_tensors(t: Any, kind: str, architecture: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from fleetlm.quantization.mxfp4 import expert_blocks
+
+    yield from expert_blocks(t, t.name.split(".")[1], kind, architecture)

@@ -24,19 +24,17 @@ from fleetlm.distributed.communication import (
     copy_to_tensor_model_parallel_region,
     tensor_model_parallel_all_reduce,
 )
-from fleetlm.distributed.parallel_state import parallel_state
 from fleetlm.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from fleetlm.layers.moe import FusedMoE
 from fleetlm.layers.norm import RMSNorm
 from fleetlm.layers.rotary import RotaryEmbedding
-from fleetlm.layers.vocab import ParallelLMHead
 from fleetlm.models.llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaMLP,
     LlamaModel,
-    PPMissingLayer,
+    make_lm_head,
 )
 from fleetlm.models.loader import ModelConfig
 from fleetlm.moe.config import MoEConfig
@@ -46,10 +44,12 @@ _KIND = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj":
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, dtype: torch.dtype, prefix: str = "") -> None:
         super().__init__()
         self.gate = ReplicatedLinear(cfg.hidden_size, moe.num_experts, dtype=dtype)
-        self.experts = FusedMoE(moe, cfg.hidden_size, dtype)
+        # a quantization may keep the experts in its own format (GGUF MXFP4: quantization/mxfp4.py)
+        method = None if cfg.quantization is None else cfg.quantization.moe_method(f"{prefix}.experts")
+        self.experts = FusedMoE(moe, cfg.hidden_size, dtype, method=method)
         width = moe.shared_expert_intermediate_size
         self.shared_expert = _SharedExpert(cfg.hidden_size, width, dtype) if width else None
         self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, dtype=dtype) if moe.shared_expert_gate else None
@@ -121,7 +121,10 @@ class MoEDecoderLayer(LlamaDecoderLayer):
         self.self_attn = attn(cfg, layer_idx, rope, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         moe = cfg.moe
-        mlp = SparseMoeBlock(cfg, moe, dtype) if moe.is_moe_layer(layer_idx) else LlamaMLP(cfg, dtype)
+        if moe.is_moe_layer(layer_idx):
+            mlp = SparseMoeBlock(cfg, moe, dtype, f"model.layers.{layer_idx}.{self.mlp_name}")
+        else:  # the prefix finds a kept GGUF layer's method (its checkpoint names are mlp.*)
+            mlp = LlamaMLP(cfg, dtype, f"model.layers.{layer_idx}.mlp")
         setattr(self, self.mlp_name, mlp)
 
 
@@ -153,12 +156,7 @@ class MoEForCausalLM(LlamaForCausalLM):
         self.config = cfg
         model_cls = type(f"{type(self).__name__}Model", (MoEModel,), {"layer_cls": self.layer_cls})
         self.model = model_cls(cfg, dtype, max_positions, layers if layers is not None else range(cfg.num_layers))
-        st = parallel_state()
-        if not st.is_last_stage:
-            self.lm_head = PPMissingLayer()
-        else:
-            tie = self.model.embed_tokens if cfg.tie_word_embeddings and st.is_first_stage else None
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tie_to=tie)
+        self.lm_head = make_lm_head(cfg, dtype, self.model)
 
     def moe_layers(self) -> dict[int, FusedMoE]:
         """This stage's routed-expert layers by block index."""

@@ -9,10 +9,16 @@
   has them);
 - ``dequantize``: a quantized GGUF is dequantized to the model dtype at load (what happened
   before quantized tensors were kept; a no-op for unquantized checkpoints);
-- without a name, a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors stay quantized (``gguf.py``) when the
-  model dtype is bf16 (fp32, the reference precision, dequantizes);
+- without a name, a GGUF file's Q4_0 / Q4_1 / Q4_K / Q6_K / Q8_0 tensors (``gguf.py``) and MXFP4
+  experts (``mxfp4.py``) stay quantized when the model dtype is bf16 (fp32, the reference
+  precision, dequantizes);
 - ``gguf``: a GGUF file's tensors stay quantized whatever the dtype (fp32 included); an error for
-  any other checkpoint.
+  any other checkpoint;
+- without a name, a Hugging Face directory whose config.json has a GPTQ or AWQ (GEMM)
+  ``quantization_config`` loads its int4 codes, scales and zeros into the int4 method as shipped
+  (``gptq.py``); ``gptq`` / ``awq`` ask for that explicitly (an error for any other checkpoint), and
+  ``dequantize`` loads such a checkpoint in full precision. Any other name on a pre-quantized
+  checkpoint is an error.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 from fleetlm.quantization.base import QuantConfig
 
 INT4_DEFAULT_GROUP = 32  # SmolLM2 perplexity: g32 +0.25% over bf16, g64 +43% (docs/QUANTIZATION.md)
-_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128", "w8a8", "dequantize", "gguf")
+_NAMES = ("int8", "int4", "int4_g32", "int4_g64", "int4_g128", "w8a8", "dequantize", "gguf", "gptq", "awq")
 
 
 def quantization_names() -> tuple[str, ...]:
@@ -35,7 +41,7 @@ def check_quantization(name: str | None) -> None:
 def get_quant_config(name: str) -> QuantConfig | None:
     """The config for a user-facing name; ValueError naming the accepted values otherwise."""
     check_quantization(name)
-    if name in ("dequantize", "gguf"):  # decided by the GGUF loader
+    if name in ("dequantize", "gguf", "gptq", "awq"):  # decided by the GGUF / HF loader from the checkpoint
         return None
     from fleetlm.quantization.weight_only import Int4Config, Int8Config
 

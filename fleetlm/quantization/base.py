@@ -27,6 +27,11 @@ class QuantConfig(ABC):
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method for the linear layer named ``prefix`` (e.g. ``model.layers.3.mlp.down_proj``)."""
 
+    def moe_method(self, prefix: str):
+        """The ``MoEMethod`` (``layers/moe.py``) for the routed experts named ``prefix``
+        (``model.layers.3.mlp.experts``); None: unquantized experts."""
+        return None
+
     def lm_head(self) -> str | None:
         """How the LM head computes logits: ``"int8"`` (``lm_head.Int8LMHead``) or None
         (unquantized, as without quantization)."""
