@@ -1,4 +1,5 @@
-"""The compiled CPU ops (``csrc/cpu_ops.cpp``): paged decode attention and fused elementwise ops.
+"""The compiled CPU ops (``csrc/cpu_ops.cpp``, ``csrc/gemv.cpp``): paged decode attention, fused
+elementwise ops, quantized-weight kernels and the bf16 decode GEMV.
 
 Built on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the
 build is cached). ``cpu_ops()`` returns None when it cannot be built, and callers fall back to
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("fleetlm")
-_SRC = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+_SRCS = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "gemv.cpp")]
 _MODULE: Any = None
 _TRIED = False
 
@@ -28,7 +29,7 @@ def cpu_ops() -> Any:
             from torch.utils.cpp_extension import load
 
             logger.info("loading fleetlm CPU ops (compiled on first use, ~30 s)")
-            _MODULE = load(name="fleetlm_cpu_ops", sources=[str(_SRC)],
+            _MODULE = load(name="fleetlm_cpu_ops", sources=[str(p) for p in _SRCS],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: plain PyTorch

@@ -420,7 +420,183 @@ torch::Tensor int4_dequant(torch::Tensor nibbles, torch::Tensor scales_zeros, in
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// MXFP4 weights (OCP microscaling FP4, GGUF MXFP4): blocks of 32 weights along K, each an E2M1
+// code (4 bits) with one E8M0 exponent byte per block. codes [N, K/2] uint8 in ggml's block order
+// (byte j of a block's 16: low nibble = weight j, high nibble = weight j + 16), scales [N, K/32]
+// uint8; both may be row-strided views (stride(1) == 1). ggml's convention, kept exactly:
+// w = kvalue[code] * 2^(e - 128) with the doubled E2M1 values {0, 1, 2, 3, 4, 6, 8, 12} and
+// their negatives. Every product is exact in float32 (and bf16).
+namespace {
+alignas(64) constexpr float kMxfp4Lut[16] = {0.f, 1.f, 2.f, 3.f, 4.f, 6.f, 8.f, 12.f,
+                                             0.f, -1.f, -2.f, -3.f, -4.f, -6.f, -8.f, -12.f};
+
+inline float e8m0_half(uint8_t e) {  // ggml_e8m0_to_fp32_half: 2^(e - 128), denormal below e = 2
+  const uint32_t bits = e < 2 ? (uint32_t(0x00200000) << e) : (uint32_t(e - 1) << 23);
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+struct Mxfp4Rows {
+  const uint8_t* q;
+  const uint8_t* e;
+  int64_t q_stride, e_stride, NB;
+};
+
+// y[r * N] = sum_k w[k] * x[r * K + k] for R input rows and one weight row; each block is
+// decoded once (a 16-entry LUT in one register, the scale applied to the weights) and used for
+// all R rows.
+template <int R>
+inline void mxfp4_row_tile(const uint8_t* q, const uint8_t* e, int64_t NB, const float* x, int64_t K, float* y,
+                           int64_t N) {
+#if defined(__AVX512F__)
+  const __m512 lut = _mm512_load_ps(kMxfp4Lut);
+  const __m512i low = _mm512_set1_epi32(15);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < NB; ++b) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
+    const __m512 d = _mm512_set1_ps(e8m0_half(e[b]));
+    const __m512 wl = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low), lut), d);
+    const __m512 wh = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), d);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * K + b * 32;
+      acc[r] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[r]);
+      acc[r] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * N] = _mm512_reduce_add_ps(acc[r]);
+#else
+  float acc[R] = {};
+  float w[32];
+  for (int64_t b = 0; b < NB; ++b) {
+    const float d = e8m0_half(e[b]);
+    for (int j = 0; j < 16; ++j) {
+      w[j] = kMxfp4Lut[q[b * 16 + j] & 15] * d;
+      w[j + 16] = kMxfp4Lut[q[b * 16 + j] >> 4] * d;
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * K + b * 32;
+      float s = 0.f;
+      for (int j = 0; j < 32; ++j) s += w[j] * xr[j];
+      acc[r] += s;
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * N] = acc[r];
+#endif
+}
+
+inline void mxfp4_row(const Mxfp4Rows& w, int64_t n, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+  const uint8_t* q = w.q + n * w.q_stride;
+  const uint8_t* e = w.e + n * w.e_stride;
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) mxfp4_row_tile<8>(q, e, w.NB, x + m * K, K, y + m * N + n, N);
+  const float* xm = x + m * K;
+  float* ym = y + m * N + n;
+  switch (M - m) {
+    case 7: mxfp4_row_tile<7>(q, e, w.NB, xm, K, ym, N); break;
+    case 6: mxfp4_row_tile<6>(q, e, w.NB, xm, K, ym, N); break;
+    case 5: mxfp4_row_tile<5>(q, e, w.NB, xm, K, ym, N); break;
+    case 4: mxfp4_row_tile<4>(q, e, w.NB, xm, K, ym, N); break;
+    case 3: mxfp4_row_tile<3>(q, e, w.NB, xm, K, ym, N); break;
+    case 2: mxfp4_row_tile<2>(q, e, w.NB, xm, K, ym, N); break;
+    case 1: mxfp4_row_tile<1>(q, e, w.NB, xm, K, ym, N); break;
+    default: break;
+  }
+}
+
+Mxfp4Rows mxfp4_check(const torch::Tensor& codes, const torch::Tensor& scales, const char* what) {
+  TORCH_CHECK(codes.scalar_type() == torch::kByte && scales.scalar_type() == torch::kByte, what,
+              ": codes and scales must be uint8");
+  TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2 && codes.size(0) == scales.size(0), what,
+              ": codes [N, K/2] and scales [N, K/32] required");
+  TORCH_CHECK(codes.size(1) == scales.size(1) * 16, what, ": codes [N, K/2] and scales [N, K/32] disagree (K = ",
+              codes.size(1) * 2, ", ", scales.size(1), " blocks)");
+  TORCH_CHECK((codes.size(1) == 0 || codes.stride(1) == 1) && (scales.size(1) == 0 || scales.stride(1) == 1), what,
+              ": codes and scales rows must be contiguous");
+  return {codes.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), codes.stride(0), scales.stride(0), scales.size(1)};
+}
+}  // namespace
+
+// y = x @ w.T for few rows: x [M, K] float32 -> y [M, N] float32. Parallel over output rows.
+torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "mxfp4_linear: x must be a contiguous float32 [M, K]");
+  const Mxfp4Rows w = mxfp4_check(codes, scales, "mxfp4_linear");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  TORCH_CHECK(K == w.NB * 32, "mxfp4_linear: x has ", K, " columns, the weight ", w.NB * 32);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) mxfp4_row(w, n, xp, M, K, yp, N);
+  });
+  return y;
+}
+
+// The dense weight [N, K] in `dtype` (for many rows: then the dtype's GEMM). Exact in float32 and
+// bf16 (each weight is a small integer times a power of two).
+torch::Tensor mxfp4_dequant(torch::Tensor codes, torch::Tensor scales, at::ScalarType dtype) {
+  const Mxfp4Rows w = mxfp4_check(codes, scales, "mxfp4_dequant");
+  const int64_t N = codes.size(0), K = w.NB * 32;
+  auto out = torch::empty({N, K}, codes.options().dtype(dtype));
+  if (N == 0 || K == 0) return out;
+  const int64_t grain = std::max<int64_t>(1, kInlineElems / K);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mxfp4_dequant", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) float buf[32];
+      for (int64_t n = begin; n < end; ++n) {
+        const uint8_t* q = w.q + n * w.q_stride;
+        const uint8_t* e = w.e + n * w.e_stride;
+        scalar_t* o = op + n * K;
+        for (int64_t b = 0; b < w.NB; ++b) {
+          const float d = e8m0_half(e[b]);
+#if defined(__AVX512F__)
+          const __m512 lut = _mm512_load_ps(kMxfp4Lut);
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
+          const __m512 ds = _mm512_set1_ps(d);
+          const __m512 wl = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), lut), ds);
+          const __m512 wh = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), ds);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            _mm512_storeu_ps(o + b * 32, wl);
+            _mm512_storeu_ps(o + b * 32 + 16, wh);
+            continue;
+          } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            // exact in bf16 (at most two significant bits): its upper half is the rounded value
+            auto* ob = reinterpret_cast<__m256i*>(o + b * 32);
+            _mm256_storeu_si256(ob, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(wl), 16)));
+            _mm256_storeu_si256(ob + 1, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(wh), 16)));
+            continue;
+          }
+          _mm512_store_ps(buf, wl);
+          _mm512_store_ps(buf + 16, wh);
+#else
+          for (int j = 0; j < 16; ++j) {
+            buf[j] = kMxfp4Lut[q[b * 16 + j] & 15] * d;
+            buf[j + 16] = kMxfp4Lut[q[b * 16 + j] >> 4] * d;
+          }
+#endif
+          for (int j = 0; j < 32; ++j) o[b * 32 + j] = static_cast<scalar_t>(buf[j]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// csrc/gemv.cpp (compiled into the same module)
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+std::string gemv_isa();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_gemv", &bf16_gemv, "x @ w.T (+ bias) in bf16 for up to 8 rows (decode GEMV)");
+  m.def("gemv_isa", &gemv_isa, "the vector path bf16_gemv was compiled for");
+  m.def("mxfp4_linear", &mxfp4_linear, "x @ (MXFP4 weights).T for few rows (LUT GEMV)");
+  m.def("mxfp4_dequant", &mxfp4_dequant, "MXFP4 codes and e8m0 scales -> dense weight");
   m.def("int4_dequant", &int4_dequant, "group-wise int4 nibbles -> dense weight (fp32 math, one rounding)");
   m.def("paged_decode", &paged_decode, "paged decode attention (CPU)");
   m.def("add_rms_norm_", &add_rms_norm_, "in-place (residual add +) RMSNorm");

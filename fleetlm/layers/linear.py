@@ -19,7 +19,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fleetlm.distributed.communication import (
@@ -28,6 +27,7 @@ from fleetlm.distributed.communication import (
     tensor_model_parallel_all_reduce,
 )
 from fleetlm.distributed.parallel_state import parallel_state
+from fleetlm.layers import gemv
 
 
 class LinearMethod(ABC):
@@ -48,7 +48,7 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.weight = nn.Parameter(torch.empty(out_per_rank, in_per_rank, dtype=dtype), requires_grad=False)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return gemv.linear(x, layer.weight, bias)  # F.linear; decode-sized bf16 inputs take the GEMV
 
 
 def _check_divides(what: str, n: int, tp: int) -> None:

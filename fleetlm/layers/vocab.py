@@ -16,6 +16,7 @@ from fleetlm.distributed.communication import (
     tensor_model_parallel_gather,
 )
 from fleetlm.distributed.parallel_state import parallel_state
+from fleetlm.layers import gemv
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -57,7 +58,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """fp32 logits [rows, vocab] on TP rank 0 (None on the other ranks)."""
-        local = F.linear(hidden, self.weight)
+        local = gemv.linear(hidden, self.weight)
         full = tensor_model_parallel_gather(local, dim=-1)
         if full is None:
             return None
