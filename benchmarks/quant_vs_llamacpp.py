@@ -20,8 +20,7 @@ import os
 import platform
 import subprocess
 
-import torch
-
+# fleetlm before torch (imported in main): its OpenMP settings apply (fleetlm/__init__.py)
 from fleetlm import LLM, SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -29,8 +28,11 @@ OUTPUT_LEN = 128
 
 
 def llama_bench_tg(exe: str, path: str, threads: int) -> float:
+    # llama.cpp runs with its own OpenMP defaults, not the settings ``import fleetlm`` makes (with
+    # OMP_WAIT_POLICY=PASSIVE inherited, its 2-thread tg128 fell from 84 to 23 tok/s)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([exe, "-m", path, "-p", "0", "-n", str(OUTPUT_LEN), "-t", str(threads), "-r", "1",
-                          "-o", "json"], check=True, capture_output=True, text=True).stdout
+                          "-o", "json"], check=True, capture_output=True, text=True, env=env).stdout
     rows = json.loads(out)
     return float(rows[0]["avg_ts"])
 
@@ -59,6 +61,8 @@ def main() -> None:
     args = ap.parse_args()
     files = dict(item.split("=", 1) for item in args.files.split(","))
     threads = [int(t) for t in args.threads.split(",")]
+    import torch
+
     llms = {name: LLM(path, dtype="bfloat16", kv_cache_memory=256 << 20, max_num_seqs=1)
             for name, path in files.items()}
     for llm in llms.values():  # warm-up (compiled ops, first-touch pages)

@@ -9,9 +9,13 @@ Offline use mirrors vLLM's API::
 
 import os as _os
 
-# Idle OpenMP threads must sleep, not spin: a spinning pool collapses when another busy process
-# shares a 2-core machine. Only effective if set before torch is first imported.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP threads spin briefly, then sleep (3000 spins), unless the user chose a policy.
+# Measured (benchmarks/RESULTS.md, "Threads"): sleeping at once (OMP_WAIT_POLICY=PASSIVE) halved
+# batch-1 decode, where every parallel region of a step paid a wake-up; spinning long collapsed
+# when another busy process shared a 2-core machine; 3000 spins kept both. Only effective if set
+# before torch is first imported.
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 __version__ = "0.1.0"
 

@@ -31,9 +31,9 @@ _VLLM_ENV = (
     "LD_PRELOAD",
     "HF_HUB_OFFLINE",
 )
-# Set by ``import fleetlm`` (OMP_WAIT_POLICY=PASSIVE) but not part of vLLM's own setup: its
-# worker processes must not inherit them, or its OpenMP threads sleep between kernels.
-_VLLM_STRIP_ENV = ("OMP_WAIT_POLICY",)
+# OpenMP wait settings (``import fleetlm`` sets GOMP_SPINCOUNT) are not part of vLLM's own
+# setup: its worker processes must not inherit them.
+_VLLM_STRIP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 @dataclass(frozen=True)
@@ -263,8 +263,8 @@ def run_vllm(
     It warms up on a few other random prompts, then times one ``generate`` call over all
     prompts; output tokens are counted from what it returns.  Its performance depends on
     the environment (``VLLM_CPU_OMP_THREADS_BIND``, ``LD_PRELOAD`` of tcmalloc and
-    libiomp5), recorded in ``extra["env"]``; ``OMP_WAIT_POLICY`` (which ``import fleetlm``
-    sets to PASSIVE) is withheld from its processes, as it would be in a script of its own.
+    libiomp5), recorded in ``extra["env"]``; ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` (which
+    ``import fleetlm`` sets) are withheld from its processes, as in a script of its own.
     """
     from vllm import LLM
 
