@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from fleetlm.layers.linear import QKVParallelLinear, RowParallelLinear
+from fleetlm.quantization.act_order import ActOrderInt4LinearMethod
 from fleetlm.quantization.gptq import (
-    ActOrderInt4LinearMethod,
     dequantize,
     load_prequantized,
     parse_quantization_config,
