@@ -75,9 +75,9 @@ def test_linear_routes_only_decode_sized_bf16_inputs(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [["-mno-avx512bf16"], ["-mno-avx512f"]], ids=["avx512f", "portable"])
-def test_gemv_paths_of_other_cpus(tmp_path, flags: list[str]) -> None:
-    """The paths other machines compile (AVX-512F without BF16, no AVX-512) give the same values."""
+def test_gemv_avx512f_path(tmp_path) -> None:
+    """The path AVX-512 machines without BF16 compile gives the same values (without AVX-512 the
+    GEMV is not used: ``layers/gemv.py`` keeps F.linear)."""
     from pathlib import Path
 
     from torch.utils.cpp_extension import load
@@ -86,9 +86,9 @@ def test_gemv_paths_of_other_cpus(tmp_path, flags: list[str]) -> None:
     mod_src = tmp_path / "mod.cpp"
     mod_src.write_text(f'#include "{src}"\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.def("f", &bf16_gemv); '
                        'm.def("isa", &gemv_isa); }\n')
-    mod = load(name=f"gemv_{flags[0].replace('-', '_')}", sources=[str(mod_src)], build_directory=str(tmp_path),
-               extra_cflags=["-O2", "-march=native", *flags], verbose=False)
-    assert mod.isa() in (("portable",) if flags == ["-mno-avx512f"] else ("avx512f", "portable"))
+    mod = load(name="gemv_avx512f", sources=[str(mod_src)], build_directory=str(tmp_path),
+               extra_cflags=["-O2", "-march=native", "-mno-avx512bf16"], verbose=False)
+    assert mod.isa() in ("avx512f", "portable")
     for m, k, n in [(1, 576, 96), (3, 100, 37), (8, 33, 5)]:
         x, w, b = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
         _close_to_reference(mod.f(x, w, b), F.linear(x.float(), w.float(), b.float()))

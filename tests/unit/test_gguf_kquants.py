@@ -362,7 +362,7 @@ def test_untied_q8_0_output_is_the_head_as_shipped(hf_dirs, tmp_path):
     assert head.method.group_size == 32 and head.weight.numel() == 0
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q6_K"])  # Q4_K holds the int4 layout Q4_1's e2e bytes test checks
 def test_kept_bytes_equal_the_planners(hf_dirs, tmp_path, kind):
     """Every layer in one K-quant type, a Q6_K head: the bytes held equal the planner's."""
     from fleetlm.plan.quant_bytes import engine_weight_bytes
