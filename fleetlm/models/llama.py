@@ -202,12 +202,17 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"unexpected weight {name!r}: the model has {cfg.num_layers} layers")
         if m and int(m.group(1)) not in self.model.layer_range:
             return []
+        if name.startswith("lm_head.") and not st.is_last_stage:
+            return []  # lm_head.weight, or a quantized head's lm_head.qweight / lm_head.scales
         if name == "lm_head.weight":
-            return [] if cfg.tie_word_embeddings or not st.is_last_stage else [(name, None)]
+            return [] if cfg.tie_word_embeddings else [(name, None)]
         if name == "model.embed_tokens.weight":
             out = [(name, None)] if st.is_first_stage else []
-            if cfg.tie_word_embeddings and st.is_last_stage and not st.is_first_stage:
-                out.append(("lm_head.weight", None))  # tied head on a stage without the embedding
+            # a tied head on a stage without the embedding fills its own weight from it (a head kept
+            # as a GGUF ships, with no float weight, takes lm_head.qweight / .scales instead)
+            if cfg.tie_word_embeddings and st.is_last_stage and not st.is_first_stage \
+                    and isinstance(getattr(self.lm_head, "weight", None), nn.Parameter):
+                out.append(("lm_head.weight", None))
             return out
         if name.startswith("model.norm.") and not st.is_last_stage:
             return []

@@ -385,3 +385,16 @@ def test_dense_mxfp4_layers_are_kept(hf_dirs, tmp_path):
     assert got == want
     assert methods[0]["qkv"][0] == methods[0]["down"][0] == "MXFP4LinearMethod"
     assert cfg.describe() == "gguf (MXFP4, Q4_K, Q6_K kept quantized in 8 layers)"
+
+
+def test_kept_head_loads_on_pipeline_stages(hf_dirs, tmp_path):
+    """A tied Q8_0 embedding kept as the head (as the default SmolLM2 GGUF ships): the first stage
+    skips the head's codes, the last stage takes them instead of the float embedding; two stages
+    give one process's tokens."""
+    path = write_llama_gguf(hf_dirs["tied"], tmp_path / "pp.gguf", _LAYOUT, embd="Q8_0")
+    want, cfg, _, head = _greedy(path, "gguf")
+    assert cfg.lm_head() == "int8_group" and head.tied
+    with LLM(str(path), dtype="float32", quantization="gguf", pipeline_parallel_size=2, kv_cache_memory=8 << 20) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want
