@@ -30,7 +30,7 @@ OUTPUT_LEN = 128
 def llama_bench_tg(exe: str, path: str, threads: int) -> float:
     # llama.cpp runs with its own OpenMP defaults, not the settings ``import fleetlm`` makes (with
     # OMP_WAIT_POLICY=PASSIVE inherited, its 2-thread tg128 fell from 84 to 23 tok/s)
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
     out = subprocess.run([exe, "-m", path, "-p", "0", "-n", str(OUTPUT_LEN), "-t", str(threads), "-r", "1",
                           "-o", "json"], check=True, capture_output=True, text=True, env=env).stdout
     rows = json.loads(out)

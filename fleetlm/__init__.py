@@ -14,8 +14,11 @@ import os as _os
 # batch-1 decode, where every parallel region of a step paid a wake-up; spinning long collapsed
 # when another busy process shared a 2-core machine; 3000 spins kept both. Only effective if set
 # before torch is first imported.
+# GOMP_SPINCOUNT is GNU OpenMP's (torch's Linux wheels); KMP_BLOCKTIME (ms) the same for Intel
+# and LLVM OpenMP builds.
 if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+    _os.environ.setdefault("KMP_BLOCKTIME", "1")
 
 __version__ = "0.1.0"
 

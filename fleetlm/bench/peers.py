@@ -31,9 +31,9 @@ _VLLM_ENV = (
     "LD_PRELOAD",
     "HF_HUB_OFFLINE",
 )
-# OpenMP wait settings (``import fleetlm`` sets GOMP_SPINCOUNT) are not part of vLLM's own
+# OpenMP wait settings (``import fleetlm`` sets the last two) are not part of vLLM's own
 # setup: its worker processes must not inherit them.
-_VLLM_STRIP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_VLLM_STRIP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ def run_vllm(
     It warms up on a few other random prompts, then times one ``generate`` call over all
     prompts; output tokens are counted from what it returns.  Its performance depends on
     the environment (``VLLM_CPU_OMP_THREADS_BIND``, ``LD_PRELOAD`` of tcmalloc and
-    libiomp5), recorded in ``extra["env"]``; ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` (which
+    libiomp5), recorded in ``extra["env"]``; the OpenMP wait settings (which
     ``import fleetlm`` sets) are withheld from its processes, as in a script of its own.
     """
     from vllm import LLM
