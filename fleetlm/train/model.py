@@ -107,8 +107,9 @@ def build_train_model(sec: ModelSection) -> TrainModel:
                   max_position_embeddings=sec.max_positions)
         cfg = config_from_hf(hf)
         weights = scratch_weights(cfg, sec.seed)
-    else:  # model.quantization (QLoRA): the linear layers quantize their weights as they load
-        files = load_model_files(resolve_model(sec.path), torch.float32, quantization=sec.quantization)
+    else:  # model.quantization (QLoRA): the linear layers quantize their weights as they load;
+        # without it the weights train in fp32, so a pre-quantized (GPTQ / AWQ) directory is dequantized
+        files = load_model_files(resolve_model(sec.path), torch.float32, quantization=sec.quantization or "dequantize")
         cfg, tok, weights = files.config, files.tokenizer, files.weights
     with torch.device("cpu"):
         model = get_model_class(cfg.architecture)(cfg, torch.float32, sec.max_positions)

@@ -419,3 +419,18 @@ def test_tp2_act_order_model_matches_its_dequantized_fp32_checkpoint(tiny_src, t
     with LLM(str(tmp_path / "q"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2) as llm:
         got = _greedy(llm)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+
+
+def test_training_a_gptq_directory_starts_from_its_dequantized_weights(tiny_src, tmp_path):
+    """``fleetlm train`` on a GPTQ directory (no model.quantization) trains fp32 weights equal to
+    the checkpoint's dequantized ones."""
+    from fleetlm.train.config import ModelSection
+    from fleetlm.train.model import build_train_model
+
+    _quantize_dir(tiny_src, tmp_path / "q", tmp_path / "ref", method="gptq", group=32, act_order=True)
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    model = build_train_model(ModelSection(path=str(tmp_path / "q"))).model
+    params = dict(model.named_parameters())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
+    q, k, v = (ref[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv")
+    torch.testing.assert_close(params["model.layers.0.self_attn.qkv_proj.weight"], torch.cat([q, k, v]), rtol=0, atol=0)
