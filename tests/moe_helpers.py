@@ -65,6 +65,39 @@ _EXPERT_PART = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps
                 "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 
 
+def write_gguf_header(w, cfg: dict) -> None:
+    """A Llama-shaped HF ``config.json`` as GGUF metadata on writer ``w``, with SmolLM2's
+    tokenizer fields (the tiny test models use its vocabulary)."""
+    import gguf
+
+    from fleetlm.models.hub import resolve_model
+    from fleetlm.models.loader import gguf_fields
+
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")))
+    tok = gguf_fields(gguf.GGUFReader(str(resolve_model("smollm2-135m-instruct"))))
+    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
+    w.add_token_list(tok["tokenizer.ggml.tokens"])
+    w.add_token_types(tok["tokenizer.ggml.token_type"])
+    w.add_token_merges(tok["tokenizer.ggml.merges"])
+    w.add_bos_token_id(tok["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(tok["tokenizer.ggml.eos_token_id"])
+    w.add_chat_template(tok["tokenizer.chat_template"])
+
+
+def permute_qk(a, n: int):
+    """Llama q/k rows as llama.cpp's converter interleaves them (the inverse of the loader's
+    unpermute) for ``n`` heads."""
+    return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+
 def write_moe_gguf(hf_dir: Path, out: Path, family: str, *, expert_count: int | None = None) -> Path:
     """The tiny HF MoE directory as a GGUF file the way llama.cpp's converter lays it out (F32
     tensors, stacked experts, Llama q/k rows permuted, SmolLM2's tokenizer fields).
@@ -76,45 +109,23 @@ def write_moe_gguf(hf_dir: Path, out: Path, family: str, *, expert_count: int | 
     import numpy as np
     from safetensors.torch import load_file
 
-    from fleetlm.models.hub import resolve_model
-    from fleetlm.models.loader import gguf_fields
-
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = _GGUF_ARCH[family]
     w = gguf.GGUFWriter(str(out), arch)
     heads, kv, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
     experts = cfg.get("num_local_experts") or cfg["num_experts"]
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
+    write_gguf_header(w, cfg)
     w.add_key_length(cfg.get("head_dim") or hidden // heads)
     w.add_value_length(cfg.get("head_dim") or hidden // heads)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")))
     w.add_expert_count(expert_count or experts)
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     if family != "mixtral":
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     if cfg.get("shared_expert_intermediate_size"):
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-    tok = gguf_fields(gguf.GGUFReader(str(resolve_model("smollm2-135m-instruct"))))
-    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
-    w.add_token_list(tok["tokenizer.ggml.tokens"])
-    w.add_token_types(tok["tokenizer.ggml.token_type"])
-    w.add_token_merges(tok["tokenizer.ggml.merges"])
-    w.add_bos_token_id(tok["tokenizer.ggml.bos_token_id"])
-    w.add_eos_token_id(tok["tokenizer.ggml.eos_token_id"])
-    w.add_chat_template(tok["tokenizer.chat_template"])
 
     state = {k: v.float().numpy() for k, v in load_file(str(next(hf_dir.glob("*.safetensors")))).items()}
     stacks: dict[str, dict[int, np.ndarray]] = {}
-
-    def permute(a: np.ndarray, n: int) -> np.ndarray:  # the inverse of the loader's unpermute
-        return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
     for name, a in state.items():
         if name == "model.embed_tokens.weight":
@@ -129,7 +140,7 @@ def write_moe_gguf(hf_dir: Path, out: Path, family: str, *, expert_count: int | 
             m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
             kind = _LAYER[m[2]]
             if arch == "llama" and kind in ("attn_q", "attn_k"):
-                a = permute(a, heads if kind == "attn_q" else kv)
+                a = permute_qk(a, heads if kind == "attn_q" else kv)
             if kind == "ffn_gate_inp_shexp":
                 a = a.reshape(-1)
             w.add_tensor(f"blk.{m[1]}.{kind}.{m[3]}", a)

@@ -29,6 +29,7 @@ from fleetlm.quantization.int4 import Int4LinearMethod, dequantize_int4
 from fleetlm.quantization.int8_group import Int8GroupLinearMethod, dequantize_int8_groups
 from fleetlm.quantization.lm_head import Int8Group16LMHead
 from tests.helpers import make_tiny_hf_dir
+from tests.moe_helpers import permute_qk, write_gguf_header
 
 QK = 256
 _SIZE = {"Q4_K": 144, "Q6_K": 210}
@@ -214,37 +215,16 @@ def write_llama_gguf(hf_dir, out, layout: dict, embd: str = "Q4_K", head: str = 
     its matrices quantized per ``layout`` (layer -> kind -> type), norms in F32."""
     from safetensors.torch import load_file
 
-    from fleetlm.models.hub import resolve_model
-    from fleetlm.models.loader import gguf_fields
-
     cfg = json.loads((hf_dir / "config.json").read_text())
-    heads, kv, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w = gguf.GGUFWriter(str(out), "llama")
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")))
-    tok = gguf_fields(gguf.GGUFReader(str(resolve_model("smollm2-135m-instruct"))))
-    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
-    w.add_token_list(tok["tokenizer.ggml.tokens"])
-    w.add_token_types(tok["tokenizer.ggml.token_type"])
-    w.add_token_merges(tok["tokenizer.ggml.merges"])
-    w.add_bos_token_id(tok["tokenizer.ggml.bos_token_id"])
-    w.add_eos_token_id(tok["tokenizer.ggml.eos_token_id"])
+    write_gguf_header(w, cfg)
 
     def add(name: str, a: np.ndarray, kind: str) -> None:
         if kind == "F32":
             w.add_tensor(name, a)
         else:
             w.add_tensor(name, ENCODE[kind](a), raw_dtype=T[kind])
-
-    def permute(a: np.ndarray, n: int) -> np.ndarray:  # the inverse of the loader's unpermute
-        return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
     state = {k: v.float().numpy() for k, v in load_file(str(next(hf_dir.glob("*.safetensors")))).items()}
     for name, a in state.items():
@@ -258,7 +238,7 @@ def write_llama_gguf(hf_dir, out, layout: dict, embd: str = "Q4_K", head: str = 
             m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight", name)
             kind = _KIND[m[2]]
             if kind in ("attn_q", "attn_k"):
-                a = permute(a, heads if kind == "attn_q" else kv)
+                a = permute_qk(a, heads if kind == "attn_q" else kv)
             add(f"blk.{m[1]}.{kind}.weight", a, layout[int(m[1])].get(kind, "F32"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
