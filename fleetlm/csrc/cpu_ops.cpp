@@ -1,9 +1,6 @@
-// Paged decode attention for the CPU: one query token per sequence, K/V read in place from the
-// block table (no gather copy). Work is split over sequences with at::parallel_for, so
-// it uses torch's intra-op threads. Each task scores all query heads against every
-// cached token (float accumulation), takes a max-subtracted softmax, then accumulates V.
-// Loops run block by block (no division per token). bf16 rows on AVX512-BF16 machines use
-// dpbf16 dot products; everything else takes the portable loops (auto-vectorized).
+// Fused elementwise ops (RMSNorm, RoPE, SiLU-and-mul) and quantized-weight kernels for the CPU.
+// The paged decode attention kernel is csrc/paged_decode.cpp, the bf16 GEMV csrc/gemv.cpp; all
+// are compiled into one module (fleetlm/ops.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -16,17 +13,10 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-#define FLEETLM_AVX512BF16 1
-#endif
-
 namespace {
 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
-template <>
-inline float to_float(int8_t x) { return static_cast<float>(x); }
 template <>
 inline float to_float(c10::BFloat16 x) {  // a shift: keeps the loops vectorizable
   uint32_t bits = static_cast<uint32_t>(x.x) << 16;
@@ -35,178 +25,7 @@ inline float to_float(c10::BFloat16 x) {  // a shift: keeps the loops vectorizab
   return f;
 }
 
-struct Shape {
-  int64_t H, Hkv, G, D, BS, max_blocks, tok_stride, blk_stride, v_offset;
-  int64_t hs;    // elements from one head's row to the next (D, or D + 2 for an int8 cache)
-  bool scaled;   // int8 cache: each head row ends with its fp16 scale (2 bytes)
-};
-
-// The dequantization scale of one cached head row (1 unless the cache is int8 with scales).
-template <typename S>
-inline float row_scale(const S* row, const Shape& s) {
-  if (!s.scaled) return 1.f;
-  c10::Half h;
-  std::memcpy(&h, row + s.D, sizeof(h));
-  return static_cast<float>(h);
-}
-
-// scores[j * L + t] = q_j . k_t (q already scaled) for every query head j of one sequence and
-// every cached token t; each block is read once, front to back, for all kv heads.
-template <typename T>
-void qk_scores(const float* qf, const T* kv, const int64_t* blocks, int64_t L, const Shape& s,
-               float* scores) {
-  for (int64_t blk = 0, t0 = 0; t0 < L; ++blk, t0 += s.BS) {
-    const T* base = kv + blocks[blk] * s.blk_stride;
-    const int64_t n = std::min<int64_t>(s.BS, L - t0);
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < s.H; ++j) {
-        const T* k = base + i * s.tok_stride + (j / s.G) * s.hs;
-        const float* qj = qf + j * s.D;
-        float acc = 0.f;
-        for (int64_t d = 0; d < s.D; ++d) acc += qj[d] * to_float(k[d]);
-        scores[j * L + t0 + i] = acc * row_scale(k, s);
-      }
-    }
-  }
-}
-
-#ifdef FLEETLM_AVX512BF16
-// Same for bf16 with dpbf16 (q rounded to bf16, like the K it multiplies; float accumulation).
-void qk_scores_bf16(const float* qf, const c10::BFloat16* kv, const int64_t* blocks, int64_t L,
-                    const Shape& s, float* scores) {
-  std::vector<__m512bh> qb(s.H * (s.D / 32));
-  const int64_t C = s.D / 32;
-  for (int64_t j = 0; j < s.H; ++j)
-    for (int64_t c = 0; c < C; ++c)
-      qb[j * C + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qf + j * s.D + c * 32 + 16),
-                                          _mm512_loadu_ps(qf + j * s.D + c * 32));
-  for (int64_t blk = 0, t0 = 0; t0 < L; ++blk, t0 += s.BS) {
-    const c10::BFloat16* base = kv + blocks[blk] * s.blk_stride;
-    const int64_t n = std::min<int64_t>(s.BS, L - t0);
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t h = 0; h < s.Hkv; ++h) {
-        const c10::BFloat16* k = base + i * s.tok_stride + h * s.D;
-        __m512bh kb[4];
-        for (int64_t c = 0; c < C; ++c) kb[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
-        for (int64_t g = 0; g < s.G; ++g) {
-          const int64_t j = h * s.G + g;
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t c = 0; c < C; ++c) acc = _mm512_dpbf16_ps(acc, qb[j * C + c], kb[c]);
-          scores[j * L + t0 + i] = _mm512_reduce_add_ps(acc);
-        }
-      }
-    }
-  }
-}
-#endif
-
-void softmax_rows(float* scores, int64_t G, int64_t L) {
-  for (int64_t g = 0; g < G; ++g) {
-    float* x = scores + g * L;
-    float m = x[0];
-    for (int64_t t = 1; t < L; ++t) m = std::max(m, x[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < L; ++t) {
-      x[t] = std::exp(x[t] - m);
-      sum += x[t];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < L; ++t) x[t] *= inv;
-  }
-}
-
-// acc[j * D + d] = sum_t p[j, t] * v_t[head of j][d], for every query head j
-template <typename T>
-void pv_accumulate(const float* p, const T* kv, const int64_t* blocks, int64_t L, const Shape& s,
-                   float* acc, float* vf) {
-  std::fill(acc, acc + s.H * s.D, 0.f);
-  for (int64_t blk = 0, t0 = 0; t0 < L; ++blk, t0 += s.BS) {
-    const T* base = kv + s.v_offset + blocks[blk] * s.blk_stride;
-    const int64_t n = std::min<int64_t>(s.BS, L - t0);
-    for (int64_t i = 0; i < n; ++i) {
-      const T* v = base + i * s.tok_stride;
-      for (int64_t h = 0; h < s.Hkv; ++h) {
-        const float sc = row_scale(v + h * s.hs, s);
-        for (int64_t d = 0; d < s.D; ++d) vf[h * s.D + d] = to_float(v[h * s.hs + d]) * sc;
-      }
-      for (int64_t j = 0; j < s.H; ++j) {
-        const float w = p[j * L + t0 + i];
-        const float* vh = vf + (j / s.G) * s.D;
-        float* a = acc + j * s.D;
-        for (int64_t d = 0; d < s.D; ++d) a[d] += w * vh[d];
-      }
-    }
-  }
-}
-
-// T: the query/output dtype; S: the cache's (T itself, int8 with per-row scales, or fp8 e4m3)
-template <typename T, typename S = T>
-void decode_kernel(const T* q, const S* kv, const int64_t* bt, const int64_t* lens, T* out,
-                   int64_t B, const Shape& s, float scale) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(s.H * s.D), acc(s.H * s.D), vf(s.Hkv * s.D), scores;
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t L = lens[b];
-      const int64_t* blocks = bt + b * s.max_blocks;
-      const T* qrow = q + b * s.H * s.D;
-      for (int64_t i = 0; i < s.H * s.D; ++i) qf[i] = to_float(qrow[i]) * scale;
-      scores.resize(s.H * L);
-      bool done = false;
-#ifdef FLEETLM_AVX512BF16
-      if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<S, c10::BFloat16>) {
-        if (s.D % 32 == 0 && s.D <= 128) {
-          qk_scores_bf16(qf.data(), kv, blocks, L, s, scores.data());
-          done = true;
-        }
-      }
-#endif
-      if (!done) qk_scores(qf.data(), kv, blocks, L, s, scores.data());
-      softmax_rows(scores.data(), s.H, L);
-      pv_accumulate(scores.data(), kv, blocks, L, s, acc.data(), vf.data());
-      T* orow = out + b * s.H * s.D;
-      for (int64_t i = 0; i < s.H * s.D; ++i) orow[i] = static_cast<T>(acc[i]);
-    }
-  });
-}
-
 }  // namespace
-
-// q [B, H, D]; kv_cache [2, num_blocks, block_size, Hkv, D] (contiguous; int8 caches [.., D + 2]:
-// codes, then the row's fp16 scale; fp8 e4m3 caches [.., D]); block_table [B, max_blocks]
-// int64; seq_lens [B] int64. Returns [B, H, D].
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_table,
-                           torch::Tensor seq_lens, double scale) {
-  TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous(), "q and kv_cache must be contiguous");
-  TORCH_CHECK(block_table.scalar_type() == torch::kLong && seq_lens.scalar_type() == torch::kLong,
-              "block_table and seq_lens must be int64");
-  const auto kv_type = kv_cache.scalar_type();
-  const bool int8_kv = kv_type == torch::kChar, fp8_kv = kv_type == at::kFloat8_e4m3fn;
-  TORCH_CHECK(q.scalar_type() == kv_type || int8_kv || fp8_kv,
-              "kv_cache must have q's dtype, int8 (with per-row fp16 scales) or float8_e4m3fn");
-  auto bt = block_table.contiguous();
-  auto lens = seq_lens.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = kv_cache.size(2), Hkv = kv_cache.size(3), hs = kv_cache.size(4);
-  TORCH_CHECK(H % Hkv == 0 && hs == D + (int8_kv ? 2 : 0), "head shapes of q and kv_cache disagree");
-  Shape s{H, Hkv, H / Hkv, D, BS, bt.size(1), Hkv * hs, BS * Hkv * hs, kv_cache.stride(0), hs, int8_kv};
-  auto out = torch::empty_like(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    const float sc = static_cast<float>(scale);
-    const auto* qp = q.data_ptr<scalar_t>();
-    auto* op = out.data_ptr<scalar_t>();
-    if (int8_kv) {
-      decode_kernel<scalar_t, int8_t>(qp, kv_cache.data_ptr<int8_t>(), bt.data_ptr<int64_t>(),
-                                      lens.data_ptr<int64_t>(), op, B, s, sc);
-    } else if (fp8_kv) {
-      decode_kernel<scalar_t, c10::Float8_e4m3fn>(qp, kv_cache.data_ptr<c10::Float8_e4m3fn>(),
-                                                  bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, s, sc);
-    } else {
-      decode_kernel<scalar_t>(qp, kv_cache.data_ptr<scalar_t>(), bt.data_ptr<int64_t>(),
-                              lens.data_ptr<int64_t>(), op, B, s, sc);
-    }
-  });
-  return out;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fused elementwise ops for bf16/fp16 models. Rows are processed inline when the tensor is
@@ -588,7 +407,9 @@ torch::Tensor mxfp4_dequant(torch::Tensor codes, torch::Tensor scales, at::Scala
   return out;
 }
 
-// csrc/gemv.cpp (compiled into the same module)
+// csrc/gemv.cpp and csrc/paged_decode.cpp (compiled into the same module)
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_table,
+                           torch::Tensor seq_lens, double scale);
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 std::string gemv_isa();
 

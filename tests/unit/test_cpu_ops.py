@@ -44,6 +44,50 @@ def test_decode_kernel_handles_other_head_shapes():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def _reference_decode(q, kv, table, lens):
+    """Float64 attention of each query row over its first ``lens[b]`` cached tokens."""
+    b, h, d = q.shape
+    _, _, bs, hkv, _ = kv.shape
+    out = torch.empty(b, h, d, dtype=torch.float64)
+    for i in range(b):
+        rows = kv[:, torch.from_numpy(table[i])].reshape(2, -1, hkv, d)[:, : lens[i]].double()
+        k, v = rows[0].repeat_interleave(h // hkv, 1), rows[1].repeat_interleave(h // hkv, 1)
+        p = torch.einsum("hd,thd->ht", q[i].double() * d ** -0.5, k).softmax(-1)
+        out[i] = torch.einsum("ht,thd->hd", p, v)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,d,bs", [(torch.bfloat16, 64, 16), (torch.bfloat16, 128, 32), (torch.bfloat16, 32, 8),
+                                        (torch.bfloat16, 96, 16), (torch.float16, 64, 16), (torch.float32, 80, 16)])
+def test_decode_kernel_long_and_ragged_contexts(dtype, d, bs):
+    """Contexts split into chunks across threads (a batch of one, 2,500 tokens) and a ragged batch
+    whose short rows have empty chunks: both equal the float64 reference."""
+    g = torch.Generator().manual_seed(1)
+    nb = 400
+    kv = torch.randn(2, nb, bs, 2, d, generator=g).to(dtype)
+    perm = np.random.default_rng(1).permutation(nb).astype(np.int64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    threads_before = torch.get_num_threads()
+    for lens in (np.array([2500]), np.array([1, 900, 17, 2, 33])):
+        width = int(-(-lens.max() // bs))
+        table = np.stack([np.roll(perm, 7 * i)[:width] for i in range(len(lens))])
+        q = torch.randn(len(lens), 8, d, generator=g).to(dtype)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = kernel.paged_decode(q, kv, torch.from_numpy(table), torch.from_numpy(lens), d ** -0.5)
+            torch.testing.assert_close(got.double(), _reference_decode(q, kv, table, lens), rtol=tol, atol=tol)
+    torch.set_num_threads(threads_before)
+
+
+@needs_kernel
+def test_decode_kernel_rejects_an_empty_context():
+    q, kv, table, lens, _ = _case(torch.float32, b=2)
+    lens[1] = 0
+    with pytest.raises(RuntimeError, match="every sequence needs a cached token"):
+        kernel.paged_decode(q, kv, torch.from_numpy(table), torch.from_numpy(lens), 64 ** -0.5)
+
+
 def test_backend_registry():
     cpu = torch.device("cpu")
     assert get_attention_backend("torch_paged", cpu, 16, torch.float32).name == "torch_paged"
