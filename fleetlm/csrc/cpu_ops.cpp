@@ -133,38 +133,60 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
 }
 
 namespace {
-// sum_g s[g] * sum_k q[g*GS + k] * x[g*GS + k] for one weight row and one input row.
-inline float int8_group_dot(const int8_t* q, const float* s, const float* x, int64_t G, int64_t GS) {
+// out[m] = sum_g s[g] * sum_k q[g*GS + k] * x[m][g*GS + k] for one weight row and M input rows
+// (row stride K): each block of 16 codes is widened once and used for all M rows.
+template <int M>
+void int8_group_rows(const int8_t* q, const float* s, const float* x, int64_t K, int64_t G, int64_t GS,
+                     float* out) {
 #if defined(__AVX512F__)
   if (GS % 16 == 0) {
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
-      const __m512 sc = _mm512_set1_ps(s[g]);
-      __m512 part = _mm512_setzero_ps();
-      for (int64_t k = 0; k < GS; k += 16) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * GS + k));
+      __m512 part[M];
+      for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
+      for (int64_t k = g * GS; k < (g + 1) * GS; k += 16) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
         const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-        part = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + g * GS + k), part);
+        for (int m = 0; m < M; ++m) part[m] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + m * K + k), part[m]);
       }
-      acc = _mm512_fmadd_ps(sc, part, acc);
+      const __m512 sc = _mm512_set1_ps(s[g]);
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(sc, part[m], acc[m]);
     }
-    return _mm512_reduce_add_ps(acc);
+    for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
+    return;
   }
 #endif
-  float total = 0.f;
-  for (int64_t g = 0; g < G; ++g) {
-    float d = 0.f;
-    for (int64_t k = 0; k < GS; ++k) d += static_cast<float>(q[g * GS + k]) * x[g * GS + k];
-    total += s[g] * d;
+  for (int m = 0; m < M; ++m) {
+    float total = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      float d = 0.f;
+      for (int64_t k = g * GS; k < (g + 1) * GS; ++k) d += static_cast<float>(q[k]) * x[m * K + k];
+      total += s[g] * d;
+    }
+    out[m] = total;
   }
-  return total;
+}
+
+// Rows of x in tiles of up to 4 (the widened codes are reused within a tile).
+void int8_group_row(const int8_t* q, const float* s, const float* x, int64_t M, int64_t K, int64_t G, int64_t GS,
+                    float* out) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) int8_group_rows<4>(q, s, x + m * K, K, G, GS, out + m);
+  switch (M - m) {
+    case 3: return int8_group_rows<3>(q, s, x + m * K, K, G, GS, out + m);
+    case 2: return int8_group_rows<2>(q, s, x + m * K, K, G, GS, out + m);
+    case 1: return int8_group_rows<1>(q, s, x + m * K, K, G, GS, out + m);
+    default: return;
+  }
 }
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // Group-wise int8 weights (GGUF Q8_0): y[m, n] = sum_g s[n, g] * sum_k q[n, g*GS + k] * x[m, g*GS + k].
 // x [M, K] float32, q [N, K] int8, s [N, K/GS] float32 -> y [M, N] float32. AVX-512: int8 widened
-// to float in registers, one FMA per 16 weights, the group's scale applied once per group.
+// to float in registers once per block for up to four input rows, one FMA per 16 weights and
+// row, the group's scale applied once per group.
 torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t group) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && q.scalar_type() == torch::kChar && s.scalar_type() == torch::kFloat,
               "int8_group_linear: x float32, q int8, s float32");
@@ -179,14 +201,36 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor q, torch::Tensor 
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, K * M));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> out(M);
     for (int64_t n = begin; n < end; ++n) {
-      const int8_t* qrow = qp + n * K;
-      const float* srow = sp + n * G;
-      for (int64_t m = 0; m < M; ++m)
-        yp[m * N + n] = int8_group_dot(qrow, srow, xp + m * K, G, group);
+      int8_group_row(qp + n * K, sp + n * G, xp, M, K, G, group, out.data());
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = out[m];
     }
   });
   return y;
+}
+
+// q [N, K] int8, s [N, K/group] float32 -> q * s [N, K] in `dtype` (one rounding from float32).
+torch::Tensor int8_group_dequant(torch::Tensor q, torch::Tensor s, int64_t group, at::ScalarType dtype) {
+  TORCH_CHECK(q.scalar_type() == torch::kChar && s.scalar_type() == torch::kFloat && q.is_contiguous() &&
+                  s.is_contiguous() && q.size(1) % group == 0 && s.size(1) == q.size(1) / group,
+              "int8_group_dequant: int8 codes and float32 scales, contiguous, matching groups");
+  const int64_t N = q.size(0), K = q.size(1), G = K / group;
+  auto out = torch::empty({N, K}, q.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "int8_group_dequant", [&] {
+    const int8_t* qp = q.data_ptr<int8_t>();
+    const float* sp = s.data_ptr<float>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, kInlineElems / K), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t g = 0; g < G; ++g) {
+          const float sc = sp[n * G + g];
+          for (int64_t k = g * group; k < (g + 1) * group; ++k)
+            op[n * K + k] = static_cast<scalar_t>(static_cast<float>(qp[n * K + k]) * sc);
+        }
+    });
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -423,5 +467,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "in-place (residual add +) RMSNorm");
   m.def("rope_", &rope_, "in-place rotary embedding");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("int8_group_dequant", &int8_group_dequant, "group-wise int8 codes and scales -> dense weight");
   m.def("int8_group_linear", &int8_group_linear, "x @ (group-wise int8 weights).T (GGUF Q8_0)");
 }

@@ -1,9 +1,11 @@
 """Group-wise symmetric int8 weights, as GGUF Q8_0 ships them: ``w = q * scale[group]``, groups of
 32 input weights, kept as shipped (codes int8, one fp32 scale per group).
 
-Computed by the compiled ``int8_group_linear`` CPU kernel (``csrc/cpu_ops.cpp``: each weight
-block is widened once and used for every row) for up to ``_KERNEL_ROWS`` rows; longer inputs
-(prefill) and machines without the compiled ops dequantize to the activation dtype and use its GEMM.
+Computed by the compiled ``int8_group_linear`` CPU kernel (``csrc/cpu_ops.cpp``: each block of
+codes is widened once and used for up to four input rows) for few rows. More rows use the
+dtype's GEMM on the dense weight: a layer's ``dense_twin()`` when it has one (a tied GGUF head: the
+embedding table holds the same weights, dequantized), else the weight dequantized for the call
+(one compiled pass). Machines without the compiled ops always dequantize.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from torch import nn
 from fleetlm.layers.linear import LinearMethod
 from fleetlm.quantization.base import as_2d
 
-# The kernel costs ~0.9 ms per row for SmolLM2's 49152 x 576 head (one thread); dequantizing the
-# head costs ~57 ms whatever the rows: the kernel wins up to about 64 rows (a decode batch of 16
-# plus its speculative drafts stays on it)
-_KERNEL_ROWS = 64
+# SmolLM2's 49152 x 576 head, 2 threads (benchmarks/RESULTS.md, issue 17): the kernel takes 1.6 ms
+# for 1 row, 4.3 ms for 8 and 39 ms for 64; the bf16 GEMM on a dense copy 3.4-6 ms for 1-64 rows;
+# dequantizing the head for the call adds ~17 ms.
+_KERNEL_ROWS_WITH_TWIN = 8
+_KERNEL_ROWS = 32
 
 
 def dequantize_int8_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -45,8 +48,16 @@ class Int8GroupLinearMethod(LinearMethod):
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2, lead = as_2d(x)
-        if layer.kernel is not None and x2.shape[0] <= _KERNEL_ROWS:
+        twin = layer.dense_twin() if hasattr(layer, "dense_twin") else None
+        if twin is not None and twin.dtype != x2.dtype:
+            twin = None
+        rows = _KERNEL_ROWS if twin is None else _KERNEL_ROWS_WITH_TWIN
+        if layer.kernel is not None and x2.shape[0] <= rows:
             y = layer.kernel.int8_group_linear(x2.float(), layer.qweight, layer.scales, self.group_size).to(x.dtype)
+        elif twin is not None:
+            y = F.linear(x2, twin)
+        elif layer.kernel is not None:
+            y = F.linear(x2, layer.kernel.int8_group_dequant(layer.qweight, layer.scales, self.group_size, x2.dtype))
         else:
             y = F.linear(x2, self.dequantized(layer).to(x2.dtype))
         y = y.reshape(*lead, y.shape[-1])

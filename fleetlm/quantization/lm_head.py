@@ -66,6 +66,11 @@ class Int8GroupLMHead(Int8LMHead):
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)
 
+    def dense_twin(self) -> torch.Tensor | None:
+        """The same weights dequantized, when this rank holds them anyway: a tied head's embedding
+        table (the GGUF's matrix dequantized for lookups). The GEMM of many rows reads it."""
+        return self.weight if self.tied else None
+
     def _local(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, hidden, None)
 

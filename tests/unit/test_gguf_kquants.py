@@ -314,6 +314,7 @@ def test_tied_q6_k_embedding_is_the_head_as_shipped(hf_dirs, tmp_path):
     got, cfg, _, head = _greedy(path, "gguf")
     assert got == want
     assert isinstance(head, Int8Group16LMHead) and head.tied and head.method.group_size == 16
+    assert torch.equal(head.dense_twin(), head.method.dequantized(head).to(head.dense_twin().dtype))
 
 
 def test_plan_kept_heads_and_mixed_types():

@@ -49,7 +49,7 @@ def _kept_layer(kind: str, dtype: torch.dtype, raw: np.ndarray):
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 40])  # 40 rows: Q8_0 prefill path (dequantize + GEMM)
+@pytest.mark.parametrize("rows", [1, 7, 12, 40])  # 12: Q8_0 kernel in tiles of 4 rows; 40: dequantize + GEMM
 def test_kept_matmul_equals_dequantized_reference(kind, dtype, rows):
     raw, ref_w = _blocks(kind, seed=1)
     layer = _kept_layer(kind, dtype, raw)
@@ -67,3 +67,25 @@ def test_q4_1_scales_zero_point_convention():
     parts = decode_blocks(raw, "Q4_1", 1, 32)
     assert parts["scales"][0, 0] == np.float32(d)
     assert parts["zeros"][0, 0] == np.float32(m) + 8 * np.float32(d)
+
+
+def test_tied_q8_0_head_reads_its_embedding_for_many_rows():
+    """A tied Q8_0 head computes few rows with the int8 kernel and many with the GEMM on the
+    embedding table (the same weights dequantized); both agree with the fp32 reference."""
+    from fleetlm.layers.vocab import VocabParallelEmbedding
+    from fleetlm.quantization.lm_head import Int8GroupLMHead
+
+    raw, ref_w = _blocks("Q8_0", rows=48, cols=128, seed=3)
+    embed = VocabParallelEmbedding(48, 128, dtype=torch.bfloat16)
+    embed.weight_loader(embed.weight, torch.from_numpy(ref_w))
+    head = Int8GroupLMHead(48, 128, dtype=torch.bfloat16, tie_to=embed)
+    for name, value in decode_blocks(raw, "Q8_0", 48, 128).items():
+        getattr(head, name).data.copy_(torch.from_numpy(value))
+    head.process_weights_after_loading()
+    assert head.dense_twin() is embed.weight
+    assert torch.equal(head.dense_twin(), head.method.dequantized(head).to(torch.bfloat16))
+    x = torch.randn(20, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    ref = F.linear(x.float(), torch.from_numpy(ref_w))
+    for rows in (3, 20):  # the kernel, then the GEMM on the twin
+        err = (head.compute_logits(x[:rows]) - ref[:rows]).abs().max() / ref.abs().max()
+        assert err < 2e-2, f"{rows} rows: {err:.2e}"
