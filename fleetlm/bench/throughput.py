@@ -87,7 +87,8 @@ def run_fleetlm(w: Workload, *, dtype: str, prefix_caching: bool, label: str = "
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = float(np.mean([o.metrics.time_to_first_token for o in outs]))
     eng = llm.engine.args
-    settings = f"{dtype}, prefix cache {'on' if prefix_caching else 'off'}, max_num_batched_tokens {eng.max_num_batched_tokens}"
+    settings = (f"{dtype}, weights {engine_kw.get('quantization') or 'as shipped'}, "
+                f"prefix cache {'on' if prefix_caching else 'off'}, max_num_batched_tokens {eng.max_num_batched_tokens}")
     return RunResult(label, w.name, elapsed, w.num_prompt_tokens, generated, ttft, settings)
 
 
@@ -130,6 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, help="override the workload's request count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--quantization", help="fleetlm's weights: the default GGUF as shipped (unset), or e.g. "
+                                          "'dequantize' for bf16 throughout, as the peers load it")
     p.add_argument("--hf-dir", default="/tmp/fleetlm-bench/smollm2-hf", help="HF copy of the GGUF for the peers (made if missing)")
     p.add_argument("--vllm-modes", default="compiled,eager",
                    help="vLLM runs: compiled (its default; its bf16 answers were wrong here) and/or eager")
@@ -149,6 +152,8 @@ def main(args: argparse.Namespace) -> int:
         w = make_workload(name, args.num_prompts, args.seed)
         print(f"workload {name}: {len(w.prompts)} requests, {w.num_prompt_tokens} prompt tokens, {w.num_output_tokens} output tokens")
         kw = {"max_num_batched_tokens": args.max_num_batched_tokens}
+        if args.quantization:
+            kw["quantization"] = args.quantization
         if name == "prefix":
             results.append(run_fleetlm(w, dtype=args.dtype, prefix_caching=True, label="fleetlm", **kw))
             results.append(run_fleetlm(w, dtype=args.dtype, prefix_caching=False, label="fleetlm-no-prefix-cache", **kw))
