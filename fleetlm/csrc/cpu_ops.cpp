@@ -251,7 +251,22 @@ void int4_dequant_rows(const uint8_t* b, const SZ* sz, O* out, int64_t N, int64_
       const float zero = to_float(sz[(g * N + n) * 2 + 1]);
       const uint8_t* bg = row + g * group / 2;
       O* og = o + g * group;
-      for (int64_t j = 0; j < group / 2; ++j) {
+      int64_t j = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<O, c10::BFloat16>) {  // 32 weights a step, the same rounding
+        const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero), eight = _mm512_set1_ps(8.f);
+        const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                    23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        for (; j + 16 <= group / 2; j += 16) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bg + j)));
+          const __m512 lo = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), eight), s, z);
+          const __m512 hi = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), eight), s, z);
+          const __m512i w = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+          _mm512_storeu_si512(og + 2 * j, w);
+        }
+      }
+#endif
+      for (; j < group / 2; ++j) {
         const uint8_t v = bg[j];
         og[2 * j] = static_cast<O>((static_cast<float>(v & 15) - 8.f) * scale + zero);
         og[2 * j + 1] = static_cast<O>((static_cast<float>(v >> 4) - 8.f) * scale + zero);

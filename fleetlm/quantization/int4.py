@@ -8,7 +8,7 @@ zeros in the same convention (``Int4LinearMethod(prequantized=True)``).
 
 On the CPU the codes are repacked for ``torch._weight_int4pack_mm_for_cpu`` (scales and zeros in
 the activation dtype; output rows padded to a multiple of 16, which its packing needs), used below
-``GEMM_ROWS`` rows in bf16. That kernel is a GEMV: at 2048 rows it took 212 ms where bf16's GEMM
+``INT4_GEMM_ROWS`` rows in bf16. That kernel is a GEMV: at 2048 rows it took 212 ms where bf16's GEMM
 took 28, so longer inputs (and fp32 inputs, where the kernel is a scalar loop) dequantize a second
 copy of the codes (two per byte, our own layout) in fp32, round once to the activation dtype and
 use the dtype's GEMM. The copy doubles the int4 weight bytes (still a quarter of bf16). Elsewhere
@@ -23,11 +23,15 @@ from torch import nn
 
 from fleetlm.layers.linear import LinearMethod
 from fleetlm.quantization.base import as_2d, drop_param, staging_weight
-from fleetlm.quantization.int8 import GEMM_ROWS, needs_grad
+from fleetlm.quantization.int8 import needs_grad
 
 INT4_GROUP_SIZES = (32, 64, 128)
 _PACK_ROWS = 16  # the CPU packing needs N % 16 == 0
 _INNER_K_TILES = 2
+# From this many rows dequantize + GEMM wins: the packed kernel's time grows with the rows (45 us a
+# row for [3072, 576]); the compiled dequantization of that matrix and a bf16 GEMM take ~0.8 ms
+# up to 32 rows (benchmarks/RESULTS.md, issue 17, second pass).
+INT4_GEMM_ROWS = 16
 
 
 def check_group_size(group_size: int, in_features: int, what: str = "the layer") -> None:
@@ -101,7 +105,7 @@ class Int4LinearMethod(LinearMethod):
         x2, lead = as_2d(x)
         n = layer.out_features
         # the packed kernel is a GEMV, and in fp32 a scalar loop (45x slower than in bf16)
-        if hasattr(layer, "packed") and x2.shape[0] < GEMM_ROWS and x2.dtype != torch.float32 \
+        if hasattr(layer, "packed") and x2.shape[0] < INT4_GEMM_ROWS and x2.dtype != torch.float32 \
                 and not needs_grad(x2):  # QLoRA: the GEMM path carries the input's gradient
             y = torch._weight_int4pack_mm_for_cpu(x2, layer.packed, self.group_size, layer.scales_zeros)
             y = y[:, :n] if y.shape[1] != n else y
