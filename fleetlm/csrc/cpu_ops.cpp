@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,19 +15,7 @@
 #include <immintrin.h>
 #endif
 
-namespace {
-
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
-template <>
-inline float to_float(c10::BFloat16 x) {  // a shift: keeps the loops vectorizable
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-}  // namespace
+using fleetlm_cpu::to_float;
 
 // ---------------------------------------------------------------------------------------------
 // Fused elementwise ops for bf16/fp16 models. Rows are processed inline when the tensor is

@@ -1,11 +1,11 @@
 // Paged decode attention for the CPU: one query token per sequence, K/V read in place from the
 // block table (no gather copy).
 //
-// Work items are (sequence, KV head, chunk of the context): the G query heads that share a KV
-// head are scored together, so each cached K/V row is read once per item. A short batch with a
-// long context (batch-1 decode) is split along the context, flash-decoding style, so both
-// cores work on one sequence: each item keeps its own softmax max, sum and weighted V sum, and a
-// second pass combines the chunks of each (sequence, KV head) exactly. Scores are float32; the
+// Work items are (sequence, chunk of its context); within one, each KV head in turn with the G
+// query heads that share it, so each cached K/V row is read once. A short batch with a long
+// context (batch-1 decode) is split along the context, flash-decoding style, so both cores work
+// on one sequence: each (sequence, KV head, chunk) keeps its own softmax max, sum and weighted V
+// sum, and a second pass combines the chunks of each (sequence, KV head) exactly. Scores are float32; the
 // softmax subtracts the max before the exponent.
 //
 // bf16 q and cache on AVX512-BF16 machines: dpbf16 dot products (q rounded to bf16, like the K it
@@ -14,6 +14,8 @@
 // scale, fp8 e4m3) take portable loops the compiler vectorizes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "cpu_common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,15 +30,7 @@
 
 namespace {
 
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
-template <>
-inline float to_float(c10::BFloat16 x) {  // a shift: keeps the loops vectorizable
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+using fleetlm_cpu::to_float;
 
 struct Shape {
   int64_t H, Hkv, G, D, BS, max_blocks, tok_stride, blk_stride, v_offset;
@@ -88,6 +82,22 @@ void scores_portable(const float* qf, const S* kv, const int64_t* blocks, int64_
       sc[g * n + j] = acc * ks;
     }
   });
+}
+
+// In place: sc[g] <- exp(sc[g] - m[g]); m[g] = max of row g, l[g] = sum of its exponents.
+void softmax_parts(float* sc, int64_t G, int64_t n, float* m, float* l) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* x = sc + g * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, x[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      x[t] = std::exp(x[t] - mx);
+      sum += x[t];
+    }
+    m[g] = mx;
+    l[g] = sum;
+  }
 }
 
 #ifdef FLEETLM_AVX512BF16
@@ -166,27 +176,7 @@ void pv_bf16(const float* p, const c10::BFloat16* kv, const int64_t* blocks, int
   }
 }
 
-// The bf16 chunk for D = 32 * C2: scores, softmax, V sum.
-template <int C2>
-void attend_bf16(const float* qf, const c10::BFloat16* kv, const int64_t* blocks, int64_t t0, int64_t t1,
-                 int64_t h, const Shape& s, float* m, float* l, float* acc, float* sc);
 #endif
-
-// In place: sc[g] <- exp(sc[g] - m[g]); m[g] = max of row g, l[g] = sum of its exponents.
-void softmax_parts(float* sc, int64_t G, int64_t n, float* m, float* l) {
-  for (int64_t g = 0; g < G; ++g) {
-    float* x = sc + g * n;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, x[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < n; ++t) {
-      x[t] = std::exp(x[t] - mx);
-      sum += x[t];
-    }
-    m[g] = mx;
-    l[g] = sum;
-  }
-}
 
 // acc[g * D + d] = sum_j p[g * n + j] * v_(t0 + j)[d] over the chunk, for the G heads of h.
 template <typename S>
@@ -206,6 +196,7 @@ void pv_chunk(const float* p, const S* kv, const int64_t* blocks, int64_t t0, in
 }
 
 #ifdef FLEETLM_AVX512BF16
+// The bf16 chunk for D = 32 * C2: scores, softmax, V sum.
 template <int C2>
 void attend_bf16(const float* qf, const c10::BFloat16* kv, const int64_t* blocks, int64_t t0, int64_t t1,
                  int64_t h, const Shape& s, float* m, float* l, float* acc, float* sc) {

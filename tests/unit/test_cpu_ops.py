@@ -69,15 +69,17 @@ def test_decode_kernel_long_and_ragged_contexts(dtype, d, bs):
     perm = np.random.default_rng(1).permutation(nb).astype(np.int64)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     threads_before = torch.get_num_threads()
-    for lens in (np.array([2500]), np.array([1, 900, 17, 2, 33])):
-        width = int(-(-lens.max() // bs))
-        table = np.stack([np.roll(perm, 7 * i)[:width] for i in range(len(lens))])
-        q = torch.randn(len(lens), 8, d, generator=g).to(dtype)
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            got = kernel.paged_decode(q, kv, torch.from_numpy(table), torch.from_numpy(lens), d ** -0.5)
-            torch.testing.assert_close(got.double(), _reference_decode(q, kv, table, lens), rtol=tol, atol=tol)
-    torch.set_num_threads(threads_before)
+    try:
+        for lens in (np.array([2500]), np.array([1, 900, 17, 2, 33])):
+            width = int(-(-lens.max() // bs))
+            table = np.stack([np.roll(perm, 7 * i)[:width] for i in range(len(lens))])
+            q = torch.randn(len(lens), 8, d, generator=g).to(dtype)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                got = kernel.paged_decode(q, kv, torch.from_numpy(table), torch.from_numpy(lens), d ** -0.5)
+                torch.testing.assert_close(got.double(), _reference_decode(q, kv, table, lens), rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 @needs_kernel
