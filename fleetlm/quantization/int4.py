@@ -28,9 +28,9 @@ from fleetlm.quantization.int8 import needs_grad
 INT4_GROUP_SIZES = (32, 64, 128)
 _PACK_ROWS = 16  # the CPU packing needs N % 16 == 0
 _INNER_K_TILES = 2
-# From this many rows dequantize + GEMM wins: the packed kernel's time grows with the rows (45 us a
-# row for [3072, 576]); the compiled dequantization of that matrix and a bf16 GEMM take ~0.8 ms
-# up to 32 rows (benchmarks/RESULTS.md, issue 17, second pass).
+# From this many rows dequantize + GEMM wins: the packed kernel's time grows with the rows (~22 us a
+# row for [3072, 576]); the compiled dequantization of that matrix and a bf16 GEMM take 0.27 ms at
+# 8-16 rows (`python benchmarks/quant_rows.py`; benchmarks/RESULTS.md, issue 17, second pass).
 INT4_GEMM_ROWS = 16
 
 

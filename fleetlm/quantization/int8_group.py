@@ -17,8 +17,8 @@ from torch import nn
 from fleetlm.layers.linear import LinearMethod
 from fleetlm.quantization.base import as_2d
 
-# SmolLM2's 49152 x 576 head, 2 threads (benchmarks/RESULTS.md, issue 17): the kernel takes 1.6 ms
-# for 1 row, 4.3 ms for 8 and 39 ms for 64; the bf16 GEMM on a dense copy 3.4-6 ms for 1-64 rows;
+# SmolLM2's 49152 x 576 head, 2 threads (`python benchmarks/quant_rows.py`): the kernel takes 1.0 ms
+# for 1 row, 4.1 ms for 8 and 39 ms for 64; the bf16 GEMM on a dense copy 3.3-5.7 ms for 1-64 rows;
 # dequantizing the head for the call adds ~17 ms.
 _KERNEL_ROWS_WITH_TWIN = 8
 _KERNEL_ROWS = 32

@@ -1,0 +1,65 @@
+"""Quantized matmuls by the number of input rows (issue 17): where each path wins.
+
+- SmolLM2's Q8_0 head (49152 x 576): the group-wise int8 kernel, and the bf16 GEMM on a dense copy
+  (what a tied head reads from its embedding table).
+- int4 g32 [3072, 576] and [576, 1536] (gate/up and down): torch's packed kernel, and the compiled
+  dequantization followed by the bf16 GEMM.
+
+    python benchmarks/quant_rows.py
+
+Milliseconds a call (best of 5 after a warm-up), random codes and scales, fixed seed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import fleetlm  # noqa: F401  - before torch: fleetlm's OpenMP settings apply
+
+ROWS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def best_ms(f, *args, reps: int = 5) -> float:
+    f(*args)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        f(*args)
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def main() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from fleetlm.ops import cpu_ops
+    from fleetlm.quantization.int4 import Int4LinearMethod
+
+    k = cpu_ops()
+    g = torch.Generator().manual_seed(0)
+    n, kk = 49152, 576
+    q = torch.randint(-127, 128, (n, kk), dtype=torch.int8, generator=g)
+    s = torch.rand(n, kk // 32, generator=g) * 0.01
+    dense = k.int8_group_dequant(q, s, 32, torch.bfloat16)
+    print("Q8_0 head 49152 x 576: rows, int8 kernel ms, bf16 GEMM on the dense table ms")
+    for m in ROWS:
+        x = torch.randn(m, kk, generator=g).bfloat16()
+        print(f"  {m:3d} {best_ms(k.int8_group_linear, x.float(), q, s, 32):8.2f} "
+              f"{best_ms(F.linear, x, dense):8.2f}")
+    for n, kk in ((3072, 576), (576, 1536)):
+        layer, method = torch.nn.Module(), Int4LinearMethod(32)
+        method.create_weights(layer, kk, n, torch.bfloat16)
+        layer.weight.data.copy_(torch.randn(n, kk, generator=g) * 0.05)
+        method.process_weights_after_loading(layer)
+        print(f"int4 g32 {n} x {kk}: rows, packed kernel ms, dequantize + bf16 GEMM ms")
+        for m in ROWS:
+            x = torch.randn(m, kk, generator=g).bfloat16()
+            packed = best_ms(torch._weight_int4pack_mm_for_cpu, x, layer.packed, 32, layer.scales_zeros)
+            gemm = best_ms(lambda x, w: F.linear(x, k.int4_dequant(w.nibbles, w.scales_zeros, 32, torch.bfloat16)),
+                           x, layer)
+            print(f"  {m:3d} {packed:8.2f} {gemm:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
