@@ -134,9 +134,15 @@ def adopt_tp_group(group: dist.ProcessGroup, tp_rank: int, tp_size: int) -> Rank
     return _STATE
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(barrier: bool = False) -> None:
+    """Leave every process group. ``barrier=True`` (a run that ended normally on every rank) meets
+    the other ranks first, so no rank tears down its gloo pairs while a peer's last collective is
+    still in flight (seen once in CI: a rank aborted with ``std::terminate`` in teardown). Never
+    after a failure: a barrier would then wait for ranks that may not come."""
     global _STATE, _TP_GROUP, _PP_GROUP, _CPU_GROUP
     if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
     _STATE, _TP_GROUP, _PP_GROUP, _CPU_GROUP = _SINGLE, None, None, None
 

@@ -47,5 +47,5 @@ def run(args: argparse.Namespace) -> int:
     if tr.layout.world > 1:
         from fleetlm.distributed.parallel_state import destroy_distributed
 
-        destroy_distributed()
+        destroy_distributed(barrier=True)
     return 0

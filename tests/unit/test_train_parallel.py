@@ -52,6 +52,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
         losses, norms, params = train_once(overrides)
         if rank == 0:
             torch.save({"losses": losses, "norms": norms, "params": params}, out)
+        dist.barrier()  # no rank leaves while another is still in a collective
     finally:
         destroy_distributed()
 
