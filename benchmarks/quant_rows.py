@@ -2,8 +2,9 @@
 
 - SmolLM2's Q8_0 head (49152 x 576): the group-wise int8 kernel, and the bf16 GEMM on a dense copy
   (what a tied head reads from its embedding table).
-- int4 g32 [3072, 576] and [576, 1536] (gate/up and down): torch's packed kernel, and the compiled
-  dequantization followed by the bf16 GEMM.
+- int4 g32 [3072, 576] and [576, 1536] (gate/up and down): torch's packed kernel, the int4 x int8
+  kernel (``int4_q8_linear``, AVX512-VNNI machines only), and the compiled dequantization followed
+  by the bf16 GEMM.
 
     python benchmarks/quant_rows.py
 
@@ -52,13 +53,18 @@ def main() -> None:
         method.create_weights(layer, kk, n, torch.bfloat16)
         layer.weight.data.copy_(torch.randn(n, kk, generator=g) * 0.05)
         method.process_weights_after_loading(layer)
-        print(f"int4 g32 {n} x {kk}: rows, packed kernel ms, dequantize + bf16 GEMM ms")
+        codes = torch.stack([layer.nibbles & 0x0F, layer.nibbles >> 4], dim=-1).reshape(n, kk)
+        packed_w = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        vnni = hasattr(layer, "q8_kernel")
+        print(f"int4 g32 {n} x {kk}: rows, packed kernel ms, int4 x int8 kernel ms"
+              f"{'' if vnni else ' (no VNNI: not run)'}, dequantize + bf16 GEMM ms")
         for m in ROWS:
             x = torch.randn(m, kk, generator=g).bfloat16()
-            packed = best_ms(torch._weight_int4pack_mm_for_cpu, x, layer.packed, 32, layer.scales_zeros)
+            packed = best_ms(torch._weight_int4pack_mm_for_cpu, x, packed_w, 32, layer.scales_zeros)
+            q8 = best_ms(k.int4_q8_linear, x, layer.nibbles, layer.q8_scales, layer.q8_mins, 32) if vnni else float("nan")
             gemm = best_ms(lambda x, w: F.linear(x, k.int4_dequant(w.nibbles, w.scales_zeros, 32, torch.bfloat16)),
                            x, layer)
-            print(f"  {m:3d} {packed:8.2f} {gemm:8.2f}")
+            print(f"  {m:3d} {packed:8.2f} {q8:8.2f} {gemm:8.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Weight-only int4, group-wise and asymmetric (W4A16).
+"""Weight-only int4, group-wise and asymmetric (W4A16; decode rows W4A8 on machines with VNNI).
 
 Per group of ``g`` consecutive input weights of one output row: ``w ≈ (q - 8) * scale + zero``
 with ``q`` in [0, 15] (the convention of torch's int4 kernels, where ``zero`` is a float offset).
@@ -6,16 +6,28 @@ Quantized at load: ``scale = (max - min) / 15``, ``q = round((w - min) / scale)`
 8 * scale``. Pre-quantized checkpoints (GGUF Q4_0 / Q4_1, GPTQ / AWQ) arrive as codes, scales and
 zeros in the same convention (``Int4LinearMethod(prequantized=True)``).
 
-On the CPU the codes are repacked for ``torch._weight_int4pack_mm_for_cpu`` (scales and zeros in
-the activation dtype; output rows padded to a multiple of 16, which its packing needs), used below
-``INT4_GEMM_ROWS`` rows in bf16. That kernel is a GEMV: at 2048 rows it took 212 ms where bf16's GEMM
-took 28, so longer inputs (and fp32 inputs, where the kernel is a scalar loop) dequantize a second
-copy of the codes (two per byte, our own layout) in fp32, round once to the activation dtype and
-use the dtype's GEMM. The copy doubles the int4 weight bytes (still a quarter of bf16). Elsewhere
-the weight is dequantized per call.
+On the CPU every layer keeps the codes two per byte (``nibbles``, our own layout), and how it
+multiplies depends on the rows and the machine:
+
+- Below ``INT4_GEMM_ROWS`` bf16 rows (decode), with AVX512-VNNI: the activations are rounded to
+  int8 per 32 values (scale ``amax / 127``, as llama.cpp's Q8 activations) and multiplied with the
+  codes as integers (``csrc/int4_q8.cpp``; scale and ``zero - 8 * scale`` in fp16 per group). This
+  is W4A8 for those rows: the one rounding it adds is the activations' (relative error ~0.4% of a
+  block's largest value per element; on SmolLM2 Q4_1 perplexity +0.8%, benchmarks/RESULTS.md,
+  issue 17 third pass). ``FLEETLM_INT4_Q8=0`` turns it off.
+- Below ``INT4_GEMM_ROWS`` bf16 rows without VNNI: ``torch._weight_int4pack_mm_for_cpu`` on a
+  second, repacked copy (scales and zeros in the activation dtype; output rows padded to a
+  multiple of 16, which its packing needs).
+- Longer inputs (prefill, large batches) and fp32 / fp16 inputs dequantize the nibbles in fp32,
+  round once to the activation dtype and use the dtype's GEMM (the GEMV kernels lose to it there:
+  torch's took 212 ms at 2048 rows where bf16's GEMM took 28).
+
+Elsewhere (no compiled ops, other devices) the weight is dequantized per call.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +44,17 @@ _INNER_K_TILES = 2
 # row for [3072, 576]); the compiled dequantization of that matrix and a bf16 GEMM take 0.27 ms at
 # 8-16 rows (`python benchmarks/quant_rows.py`; benchmarks/RESULTS.md, issue 17, second pass).
 INT4_GEMM_ROWS = 16
+
+
+def uses_int4_q8() -> bool:
+    """Whether int4 layers loaded now decode with the int4 x int8 kernel: on a machine with
+    AVX512-VNNI, unless ``FLEETLM_INT4_Q8=0`` (bf16 activations throughout, torch's kernel)."""
+    from fleetlm.ops import cpu_ops
+
+    if os.environ.get("FLEETLM_INT4_Q8", "1") == "0":
+        return False
+    ops = cpu_ops()
+    return ops is not None and ops.int4_q8_isa() == "avx512vnni"
 
 
 def check_group_size(group_size: int, in_features: int, what: str = "the layer") -> None:
@@ -90,30 +113,35 @@ class Int4LinearMethod(LinearMethod):
         if pad:
             q = F.pad(q, (0, 0, 0, pad), value=8)
             s, z = F.pad(s, (0, 0, 0, pad), value=1.0), F.pad(z, (0, 0, 0, pad))
-        packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), _INNER_K_TILES)
-        sz = torch.stack([s.t(), z.t()], dim=-1).to(layer.act_dtype).contiguous()  # [K/g, N, 2]
-        layer.register_buffer("packed", packed, persistent=False)
-        layer.register_buffer("scales_zeros", sz, persistent=False)
-        # the kernel's packing is opaque; two codes per byte of our own for the GEMM path
         layer.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), persistent=False)
+        sz = torch.stack([s.t(), z.t()], dim=-1).to(layer.act_dtype).contiguous()  # [K/g, N, 2]
+        layer.register_buffer("scales_zeros", sz, persistent=False)
         from fleetlm.ops import cpu_ops
 
         ops = cpu_ops()
         layer.dequant_kernel = ops if ops is not None and hasattr(ops, "int4_dequant") else None
+        if uses_int4_q8() and q.shape[1] % 64 == 0:
+            layer.q8_kernel = ops
+            layer.register_buffer("q8_scales", s.to(torch.float16).contiguous(), persistent=False)
+            layer.register_buffer("q8_mins", (z - 8.0 * s).to(torch.float16).contiguous(), persistent=False)
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), _INNER_K_TILES)
+            layer.register_buffer("packed", packed, persistent=False)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2, lead = as_2d(x)
         n = layer.out_features
-        # the packed kernel is a GEMV, and in fp32 a scalar loop (45x slower than in bf16)
-        if hasattr(layer, "packed") and x2.shape[0] < INT4_GEMM_ROWS and x2.dtype != torch.float32 \
-                and not needs_grad(x2):  # QLoRA: the GEMM path carries the input's gradient
+        # QLoRA: an input whose gradient is wanted takes the GEMM path, which carries it
+        gemv = x2.shape[0] < INT4_GEMM_ROWS and not needs_grad(x2)
+        if gemv and hasattr(layer, "q8_kernel") and x2.dtype == torch.bfloat16:
+            y = layer.q8_kernel.int4_q8_linear(x2, layer.nibbles, layer.q8_scales, layer.q8_mins, self.group_size)
+        elif gemv and hasattr(layer, "packed") and x2.dtype != torch.float32:  # fp32: a scalar loop there
             y = torch._weight_int4pack_mm_for_cpu(x2, layer.packed, self.group_size, layer.scales_zeros)
-            y = y[:, :n] if y.shape[1] != n else y
-        elif hasattr(layer, "packed"):  # prefill / large batch: dequantize, then the dtype's GEMM
-            y = F.linear(x2, self._from_nibbles(layer, x2.dtype))[:, :n]
+        elif hasattr(layer, "nibbles"):  # prefill / large batch: dequantize, then the dtype's GEMM
+            y = F.linear(x2, self._from_nibbles(layer, x2.dtype))
         else:
             y = F.linear(x2, dequantize_int4(layer.qweight, layer.scales, layer.zeros).to(x2.dtype))
-        y = y.reshape(*lead, n)
+        y = (y[:, :n] if y.shape[1] != n else y).reshape(*lead, n)
         return y if bias is None else y + bias
 
     def _from_nibbles(self, layer, dtype: torch.dtype) -> torch.Tensor:
@@ -125,10 +153,7 @@ class Int4LinearMethod(LinearMethod):
         return dequantize_int4(q, sz[..., 0].t(), sz[..., 1].t()).to(dtype)
 
     def dequantized(self, layer) -> torch.Tensor:
-        """The weight this layer computes with, [N, K] fp32 (tests compare against it)."""
-        if not hasattr(layer, "packed"):
+        """The weight this layer's GEMM path computes with, [N, K] fp32 (tests compare against it)."""
+        if not hasattr(layer, "nibbles"):
             return dequantize_int4(layer.qweight, layer.scales, layer.zeros)
-        k = layer.scales_zeros.shape[0] * self.group_size
-        eye = torch.eye(k, dtype=layer.act_dtype)
-        w = torch._weight_int4pack_mm_for_cpu(eye, layer.packed, self.group_size, layer.scales_zeros)
-        return w[:, : layer.out_features].t().float()
+        return self._from_nibbles(layer, torch.float32)[: layer.out_features]

@@ -269,8 +269,8 @@ def _greedy(path, quantization: str):
 
 
 def _codes_dtype(layer) -> str | None:
-    if hasattr(layer, "packed"):  # int4 on the CPU: the kernel's packing and our nibbles
-        assert layer.nibbles.dtype == torch.uint8
+    if hasattr(layer, "nibbles"):  # int4 on the CPU: two codes a byte
+        assert layer.nibbles.dtype == torch.uint8 and (hasattr(layer, "packed") or hasattr(layer, "q8_kernel"))
         return "int4"
     if hasattr(layer, "qweight"):
         return str(layer.qweight.dtype).removeprefix("torch.")
@@ -347,13 +347,15 @@ def test_untied_q8_0_output_is_the_head_as_shipped(hf_dirs, tmp_path):
 def test_kept_bytes_equal_the_planners(hf_dirs, tmp_path, kind):
     """Every layer in one K-quant type, a Q6_K head: the bytes held equal the planner's."""
     from fleetlm.plan.quant_bytes import engine_weight_bytes
+    from fleetlm.quantization.int4 import uses_int4_q8
     from tests.unit.test_quant_bytes import dims, measured_weight_bytes
 
     kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     path = write_llama_gguf(hf_dirs["untied"], tmp_path / f"{kind}.gguf", {i: dict.fromkeys(kinds, kind) for i in (0, 1)})
     with LLM(str(path), dtype="bfloat16", kv_cache_memory=8 << 20) as llm:
         model = llm.engine.core.executor.worker.runner.model
-        assert measured_weight_bytes(model) == engine_weight_bytes(dims(hf_dirs["untied"]), kind, 2, head="int8_group16")
+        assert measured_weight_bytes(model) == engine_weight_bytes(dims(hf_dirs["untied"]), kind, 2, head="int8_group16",
+                                                                     int4_q8=uses_int4_q8())
 
 
 def test_dense_mxfp4_layers_are_kept(hf_dirs, tmp_path):

@@ -40,7 +40,7 @@ def test_adapters_train_over_a_frozen_int4_base(trained):
     assert [n for n, _ in r.trainer.named] and all(".lora." in n for n, _ in r.trainer.named)
     assert r.losses[-1] < r.losses[0]
     down = lm.model.layers[0].mlp.down_proj
-    assert hasattr(down, "packed") and not any(p.numel() for p in down.parameters(recurse=False))
+    assert hasattr(down, "nibbles") and not any(p.numel() for p in down.parameters(recurse=False))
     assert all(float(p.detach().abs().max()) > 0 for n, p in lm.named_parameters() if ".lora.B." in n)
 
 
