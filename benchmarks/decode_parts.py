@@ -1,5 +1,5 @@
 """Where a batch-1 token of the shipped GGUF goes (issue 17): the whole step, then with its parts
-removed in turn from one loaded engine (the int4 matmuls, then the Q8_0 head, then the decode
+removed in turn from one loaded engine (the int4 matmuls, then the Q8_0 head (either kernel), then the decode
 attention kernel, each replaced by a preallocated output), so each difference includes that part's
 cache and thread effects. The tokens after the first removal are meaningless; only time counts.
 
@@ -51,9 +51,14 @@ def main() -> None:
         def int8_group_linear(self, x, q, s, group):
             return torch.zeros(x.shape[0], q.shape[0])
 
+        def int8_q8_linear(self, x, q, s, group):
+            return torch.zeros(x.shape[0], q.shape[0], dtype=x.dtype)
+
     for module in runner.model.modules():
         if getattr(module, "kernel", None) is not None and hasattr(module.kernel, "int8_group_linear"):
             module.kernel = NoHead(module.kernel)
+            if getattr(module, "q8_kernel", None) is not None:
+                module.q8_kernel = NoHead(module.q8_kernel)
     run("... and without the LM head")
     runner.backend._decode = lambda q, kv_cache, meta: q.clone()
     run("... and without the decode attention kernel")

@@ -1,6 +1,7 @@
 """The compiled CPU ops (``csrc/cpu_ops.cpp``, ``csrc/gemv.cpp``, ``csrc/paged_decode.cpp``,
-``csrc/int4_q8.cpp``): paged decode attention, fused elementwise ops, quantized-weight kernels
-(int4 x int8 for decode among them) and the bf16 decode GEMV.
+``csrc/int4_q8.cpp``, ``csrc/int8_q8.cpp``): paged decode attention, fused elementwise ops,
+quantized-weight kernels (int4 x int8 and int8 x int8 for decode among them) and the bf16 decode
+GEMV.
 
 Built on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the
 build is cached). ``cpu_ops()`` returns None when it cannot be built, and callers fall back to
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("fleetlm")
-_SRCS = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "gemv.cpp", "paged_decode.cpp", "int4_q8.cpp")]
+_SRCS = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "gemv.cpp", "paged_decode.cpp", "int4_q8.cpp", "int8_q8.cpp")]
 _MODULE: Any = None
 _TRIED = False
 

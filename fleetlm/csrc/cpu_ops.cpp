@@ -463,7 +463,8 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
 std::string gemv_isa();
 torch::Tensor int4_q8_linear(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, torch::Tensor mins,
                              int64_t group);
-std::string int4_q8_isa();
+torch::Tensor int8_q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t group);
+std::string q8_isa();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "x @ w.T (+ bias) in bf16 for up to 8 rows (decode GEMV)");
@@ -471,7 +472,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "x @ (MXFP4 weights).T for few rows (LUT GEMV)");
   m.def("mxfp4_dequant", &mxfp4_dequant, "MXFP4 codes and e8m0 scales -> dense weight");
   m.def("int4_q8_linear", &int4_q8_linear, "x @ (int4 weights).T with x rounded to int8 per 32 (decode)");
-  m.def("int4_q8_isa", &int4_q8_isa, "the vector path int4_q8_linear was compiled for");
+  m.def("int8_q8_linear", &int8_q8_linear, "x @ (group-wise int8 weights).T with x rounded to int8 per 32 (decode)");
+  m.def("q8_isa", &q8_isa, "the vector path int4_q8_linear and int8_q8_linear were compiled for");
   m.def("int4_dequant", &int4_dequant, "group-wise int4 nibbles -> dense weight (fp32 math, one rounding)");
   m.def("paged_decode", &paged_decode, "paged decode attention (CPU)");
   m.def("add_rms_norm_", &add_rms_norm_, "in-place (residual add +) RMSNorm");

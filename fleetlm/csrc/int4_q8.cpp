@@ -102,17 +102,6 @@ inline __m512 lane_scales(const c10::Half* s, int64_t k0) {
   }
 }
 
-// The sums of four vectors, as [sum a, sum b, sum c, sum d].
-inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  auto half = [](__m512 v) {
-    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  };
-  const __m256 ab = _mm256_hadd_ps(half(a), half(b));  // [a01 a23 b01 b23 | a45 a67 b45 b67]
-  const __m256 cd = _mm256_hadd_ps(half(c), half(d));
-  const __m256 abcd = _mm256_hadd_ps(ab, cd);          // [a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7]
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
 // R weight rows (wb bytes and G groups apart) against T input rows: the sums over the chunks, plus
 // the group minimums times the activations' group sums, into out[r][t].
 template <int R, int T, int kGroup>
@@ -174,7 +163,7 @@ __attribute__((always_inline)) inline void rows_block(const uint8_t* w, const c1
   if constexpr (R == 4) {
     for (int t = 0; t < T; ++t) {
       float v[4];
-      _mm_storeu_ps(v, reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+      _mm_storeu_ps(v, fleetlm_cpu::reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
       for (int r = 0; r < 4; ++r) out[r][t] = v[r];
     }
   } else {
@@ -306,8 +295,8 @@ torch::Tensor int4_q8_linear(torch::Tensor x, torch::Tensor nibbles, torch::Tens
   return linear_impl<float>(x, nibbles, scales, mins, group);
 }
 
-// The path int4_q8_linear was compiled for; Python uses it for decode only with VNNI.
-std::string int4_q8_isa() {
+// The path int4_q8_linear and int8_q8_linear were compiled for; Python uses them only with VNNI.
+std::string q8_isa() {
 #if FLEETLM_INT4_Q8_VNNI
   return "avx512vnni";
 #else

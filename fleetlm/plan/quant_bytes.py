@@ -67,7 +67,8 @@ def engine_weight_bytes(d: Dims, fmt: str, act_bytes: int = 2, head: str | None 
     """Linear layers + embedding + LM head. ``fmt``: ``none`` | ``int8`` | ``w8a8`` |
     ``int4_g{32,64,128}`` | a GGUF type kept for every layer (``Q4_0``/``Q4_1``/``Q4_K``/``Q8_0``/
     ``Q6_K``); ``head``: ``int8`` | ``int8_group`` | ``int8_group16`` | None (unquantized head; the default for ``none``); ``int4_q8``: int4 layers
-    decode with the int4 x int8 kernel (``fleetlm.quantization.int4.uses_int4_q8()`` on this machine)."""
+    decode with the int4 x int8 kernel (``fleetlm.quantization.base.int8_activation_kernels()`` is not
+    None on this machine)."""
     total = sum(matrix_bytes(fmt, n, k, act_bytes, int4_q8) for n, k in matrices(d))
     embed = d.vocab * d.hidden * act_bytes
     if head is None and fmt not in ("none", "dequantize"):

@@ -10,7 +10,9 @@ kernel's layout (each rank quantizes its own slice) and frees the staging tensor
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,3 +70,15 @@ def weight_bytes(module: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def int8_activation_kernels() -> Any:
+    """The compiled ops when layers loaded now may round decode activations to int8 per 32 values
+    (``int4_q8_linear``, ``int8_q8_linear``: a machine with AVX512-VNNI), else None.
+    ``FLEETLM_INT8_ACTIVATIONS=0`` keeps bf16 activations everywhere."""
+    from fleetlm.ops import cpu_ops
+
+    if os.environ.get("FLEETLM_INT8_ACTIVATIONS", "1") == "0":
+        return None
+    ops = cpu_ops()
+    return ops if ops is not None and ops.q8_isa() == "avx512vnni" else None

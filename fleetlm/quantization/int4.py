@@ -14,7 +14,7 @@ multiplies depends on the rows and the machine:
   codes as integers (``csrc/int4_q8.cpp``; scale and ``zero - 8 * scale`` in fp16 per group). This
   is W4A8 for those rows: the one rounding it adds is the activations' (relative error ~0.4% of a
   block's largest value per element; on SmolLM2 Q4_1 perplexity +0.8%, benchmarks/RESULTS.md,
-  issue 17 third pass). ``FLEETLM_INT4_Q8=0`` turns it off.
+  issue 17 third pass). ``FLEETLM_INT8_ACTIVATIONS=0`` turns it off.
 - Below ``INT4_GEMM_ROWS`` bf16 rows without VNNI: ``torch._weight_int4pack_mm_for_cpu`` on a
   second, repacked copy (scales and zeros in the activation dtype; output rows padded to a
   multiple of 16, which its packing needs).
@@ -27,14 +27,12 @@ Elsewhere (no compiled ops, other devices) the weight is dequantized per call.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fleetlm.layers.linear import LinearMethod
-from fleetlm.quantization.base import as_2d, drop_param, staging_weight
+from fleetlm.quantization.base import as_2d, drop_param, int8_activation_kernels, staging_weight
 from fleetlm.quantization.int8 import needs_grad
 
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -44,17 +42,6 @@ _INNER_K_TILES = 2
 # row for [3072, 576]); the compiled dequantization of that matrix and a bf16 GEMM take 0.27 ms at
 # 8-16 rows (`python benchmarks/quant_rows.py`; benchmarks/RESULTS.md, issue 17, second pass).
 INT4_GEMM_ROWS = 16
-
-
-def uses_int4_q8() -> bool:
-    """Whether int4 layers loaded now decode with the int4 x int8 kernel: on a machine with
-    AVX512-VNNI, unless ``FLEETLM_INT4_Q8=0`` (bf16 activations throughout, torch's kernel)."""
-    from fleetlm.ops import cpu_ops
-
-    if os.environ.get("FLEETLM_INT4_Q8", "1") == "0":
-        return False
-    ops = cpu_ops()
-    return ops is not None and ops.int4_q8_isa() == "avx512vnni"
 
 
 def check_group_size(group_size: int, in_features: int, what: str = "the layer") -> None:
@@ -120,7 +107,7 @@ class Int4LinearMethod(LinearMethod):
 
         ops = cpu_ops()
         layer.dequant_kernel = ops if ops is not None and hasattr(ops, "int4_dequant") else None
-        if uses_int4_q8() and q.shape[1] % 64 == 0:
+        if int8_activation_kernels() is not None and q.shape[1] % 64 == 0:
             layer.q8_kernel = ops
             layer.register_buffer("q8_scales", s.to(torch.float16).contiguous(), persistent=False)
             layer.register_buffer("q8_mins", (z - 8.0 * s).to(torch.float16).contiguous(), persistent=False)

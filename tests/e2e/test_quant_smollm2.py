@@ -82,7 +82,7 @@ def test_perplexity_and_greedy_agreement_within_margin_of_bf16(measured, fmt):
 def test_gguf_kept_weight_bytes_equal_the_planners():
     """Q4_1 layers packed as int4 (g=32), the tied Q8_0 head as shipped, the embedding in bf16."""
     from fleetlm.plan.quant_bytes import Dims, engine_weight_bytes
-    from fleetlm.quantization.int4 import uses_int4_q8
+    from fleetlm.quantization.base import int8_activation_kernels
     from tests.unit.test_quant_bytes import measured_weight_bytes
 
     with LLM(MODEL, dtype="bfloat16", kv_cache_memory=32 << 20) as llm:
@@ -90,7 +90,7 @@ def test_gguf_kept_weight_bytes_equal_the_planners():
         assert model.config.quantization.describe() == "gguf (Q4_1 kept quantized in 120 layers)"
         smollm2 = Dims(576, 1536, 9, 3, 64, 30, 49152, True)
         assert measured_weight_bytes(model) == engine_weight_bytes(smollm2, "Q4_1", 2, head="int8_group",
-                                                                   int4_q8=uses_int4_q8())
+                                                                   int4_q8=int8_activation_kernels() is not None)
 
 
 def test_gguf_kept_under_preemption():

@@ -347,7 +347,7 @@ def test_untied_q8_0_output_is_the_head_as_shipped(hf_dirs, tmp_path):
 def test_kept_bytes_equal_the_planners(hf_dirs, tmp_path, kind):
     """Every layer in one K-quant type, a Q6_K head: the bytes held equal the planner's."""
     from fleetlm.plan.quant_bytes import engine_weight_bytes
-    from fleetlm.quantization.int4 import uses_int4_q8
+    from fleetlm.quantization.base import int8_activation_kernels
     from tests.unit.test_quant_bytes import dims, measured_weight_bytes
 
     kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -355,7 +355,7 @@ def test_kept_bytes_equal_the_planners(hf_dirs, tmp_path, kind):
     with LLM(str(path), dtype="bfloat16", kv_cache_memory=8 << 20) as llm:
         model = llm.engine.core.executor.worker.runner.model
         assert measured_weight_bytes(model) == engine_weight_bytes(dims(hf_dirs["untied"]), kind, 2, head="int8_group16",
-                                                                     int4_q8=uses_int4_q8())
+                                                                     int4_q8=int8_activation_kernels() is not None)
 
 
 def test_dense_mxfp4_layers_are_kept(hf_dirs, tmp_path):

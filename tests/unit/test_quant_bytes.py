@@ -10,7 +10,7 @@ import torch
 
 from fleetlm.layers.linear import LinearBase
 from fleetlm.plan.quant_bytes import Dims, engine_weight_bytes
-from fleetlm.quantization.int4 import uses_int4_q8
+from fleetlm.quantization.base import int8_activation_kernels
 
 
 def measured_weight_bytes(model: torch.nn.Module) -> int:
@@ -42,4 +42,4 @@ def test_engine_weight_bytes_equal_the_planners(tiny_model_dir, quantization):
     llm = LLM(str(tiny_model_dir), dtype="bfloat16", kv_cache_memory=4 << 20, quantization=quantization)
     model = llm.engine.core.executor.worker.runner.model
     assert measured_weight_bytes(model) == engine_weight_bytes(dims(tiny_model_dir), quantization or "none", 2,
-                                                                 int4_q8=uses_int4_q8())
+                                                                 int4_q8=int8_activation_kernels() is not None)

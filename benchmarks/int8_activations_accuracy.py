@@ -1,6 +1,6 @@
-"""What rounding decode activations to int8 costs (issue 17): the int4 x int8 kernel
-(``csrc/int4_q8.cpp``) against the same int4 weights with bf16 activations, on the shipped
-SmolLM2 GGUF (Q4_1 layers, Q8_0 head).
+"""What rounding decode activations to int8 costs (issue 17): the int4 x int8 and int8 x int8
+kernels (``csrc/int4_q8.cpp``, ``csrc/int8_q8.cpp``) against the same weights with bf16
+activations, on the shipped SmolLM2 GGUF (Q4_1 layers, Q8_0 head) or another GGUF (``--model``).
 
 1. Perplexity of a fixed English text (Python's own LICENSE.txt, its first 2,048 tokens), read in
    prefill chunks of 8 tokens so that every int4 matmul has 8 rows, the kernel's regime
@@ -11,13 +11,14 @@ SmolLM2 GGUF (Q4_1 layers, Q8_0 head).
    the kernel, and where the others first differ. For scale, the same count between bf16
    activations and the dense bf16 model.
 
-    python benchmarks/int4_q8_accuracy.py
+    python benchmarks/int4_q8_accuracy.py [--model PATH.gguf]
 
 Needs an AVX512-VNNI machine (without one the kernel is never used and there is nothing to compare).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sysconfig
@@ -35,7 +36,7 @@ def chat_prompts(n: int) -> list[str]:
 
 
 def switch_kernel(llm: LLM, on: bool, saved: dict) -> None:
-    """Detach (or restore) every int4 layer's int4 x int8 kernel."""
+    """Detach (or restore) every quantized layer's int8-activation kernel."""
     for module in llm.engine.core.executor.worker.runner.model.modules():
         if on and module in saved:
             module.q8_kernel = saved.pop(module)
@@ -62,23 +63,26 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> str:
 
 
 def main() -> None:
-    from fleetlm.quantization.int4 import uses_int4_q8
+    from fleetlm.quantization.base import int8_activation_kernels
 
-    if not uses_int4_q8():
-        raise SystemExit("no AVX512-VNNI here: the int4 x int8 kernel is not used on this machine")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    model = ap.parse_args().model
+    if int8_activation_kernels() is None:
+        raise SystemExit("no AVX512-VNNI here: the int8-activation kernels are not used on this machine")
     text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
     common = dict(dtype="bfloat16", kv_cache_memory=512 << 20, enable_prefix_caching=False)
-    llm = LLM("smollm2-135m-instruct", max_num_batched_tokens=8, **common)
+    llm = LLM(model, max_num_batched_tokens=8, **common)
     tokens = llm.get_tokenizer().encode(text)[:2048]
     saved: dict = {}
     ppl_q8 = perplexity(llm, tokens)
     switch_kernel(llm, False, saved)
     ppl_bf16_act = perplexity(llm, tokens)
     switch_kernel(llm, True, saved)
-    dense = LLM("smollm2-135m-instruct", max_num_batched_tokens=8, quantization="dequantize", **common)
+    dense = LLM(model, max_num_batched_tokens=8, quantization="dequantize", **common)
     ppl_dense = perplexity(dense, tokens)
-    print(f"perplexity of LICENSE.txt ({len(tokens)} tokens, chunks of 8): int4 x int8 kernel {ppl_q8:.4f}, "
-          f"int4 with bf16 activations {ppl_bf16_act:.4f}, dense bf16 {ppl_dense:.4f}")
+    print(f"perplexity of LICENSE.txt ({len(tokens)} tokens, chunks of 8): int8 activations {ppl_q8:.4f}, "
+          f"bf16 activations {ppl_bf16_act:.4f}, dense bf16 {ppl_dense:.4f}")
 
     prompts = chat_prompts(24)
     with_kernel = greedy(llm, prompts)

@@ -1,9 +1,9 @@
-"""The int4 x int8 decode kernel (``csrc/int4_q8.cpp``) against its definition, and where
-``Int4LinearMethod`` uses it.
+"""The decode kernels with int8 activations (``csrc/int4_q8.cpp``, ``csrc/int8_q8.cpp``) against
+their definition, and where ``Int4LinearMethod`` and ``Int8GroupLinearMethod`` use them.
 
 Definition: each input row is rounded to int8 per 32 values (``round(x * 127 / amax)``, scale
-``amax / 127``), then multiplied with the dequantized weight ``scale * q + (zero - 8 * scale)``
-(scale and that minimum in fp16). The reference does the same rounding in torch and the products in
+``amax / 127``), then multiplied with the dequantized weight: int4 ``scale * q + (zero - 8 *
+scale)`` (scale and that minimum in fp16), group-wise int8 ``scale * q`` (fp32 scales). The reference does the same rounding in torch and the products in
 float64, so the kernel must agree to float32 summation error, except where ``x * 127 / amax`` lies
 within 1e-4 of a half-way point (common with bf16 inputs, where exact ties occur): the kernel is
 built with -ffast-math, which may compute ``127 / amax`` through a reciprocal, a last-bit difference
@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from fleetlm.ops import cpu_ops
+from fleetlm.quantization.base import int8_activation_kernels
 from fleetlm.quantization.int4 import INT4_GEMM_ROWS, Int4LinearMethod
+from fleetlm.quantization.int8_group import Int8GroupLinearMethod
 
 OPS = cpu_ops()
 pytestmark = pytest.mark.skipif(OPS is None, reason="compiled CPU ops unavailable")
@@ -35,8 +37,11 @@ def quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference(x, codes, scales, mins, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """The definition's result in float64, and per output what rounding its ties the other way may move it."""
-    w = scales.double().repeat_interleave(group, 1) * codes.double() + mins.double().repeat_interleave(group, 1)
+    """The definition's result in float64, and per output what rounding its ties the other way may
+    move it. ``mins`` None: symmetric int8 codes."""
+    w = scales.double().repeat_interleave(group, 1) * codes.double()
+    if mins is not None:
+        w = w + mins.double().repeat_interleave(group, 1)
     xd, ties = quantized_activations(x)
     return xd.double() @ w.T, ties.double() @ w.abs().T
 
@@ -78,6 +83,33 @@ def test_kernel_equals_its_definition(threads, n, k, group, rows):
     assert ((y16.double() - ref16).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("n", "k", "group", "rows"), [
+    (37, 576, 32, 1),     # weight rows not a multiple of the 4 taken together
+    (64, 512, 16, 2),     # Q6_K's group of 16
+    (45, 1536, 32, 3),    # one weight row at a time from 3 input rows
+    (23, 576, 16, 17),    # three tiles
+])
+def test_int8_kernel_equals_its_definition(threads, n, k, group, rows):
+    g = torch.Generator().manual_seed(n + rows)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, k // group, generator=g) * 0.01
+    x = torch.randn(rows, k, generator=g) * 3
+    x[0, :32] = 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y32 = OPS.int8_q8_linear(x, codes, scales, group)
+        y16 = OPS.int8_q8_linear(x.bfloat16(), codes, scales, group)
+    finally:
+        torch.set_num_threads(before)
+    ref, ties = reference(x, codes, scales, None, group)
+    scale = ref.abs().max().item()
+    assert (y32.double() - ref).abs().max() <= 2e-6 * scale + ties.max()
+    ref16, ties16 = reference(x.bfloat16(), codes, scales, None, group)
+    assert ((y16.double() - ref16).abs() <= 2 ** -8 * ref16.abs() + 2e-6 * scale + ties16).all()
+
+
 def test_kernel_rejects_what_it_cannot_do():
     _, nibbles, scales, mins = random_layer(8, 96, 32, seed=0)
     with pytest.raises(RuntimeError, match="multiple of 64"):
@@ -87,6 +119,11 @@ def test_kernel_rejects_what_it_cannot_do():
         OPS.int4_q8_linear(torch.randn(1, 128), nibbles, scales, mins, 16)
     with pytest.raises(RuntimeError, match="fp16"):
         OPS.int4_q8_linear(torch.randn(1, 128), nibbles, scales.float(), mins, 32)
+    codes = torch.zeros(8, 96, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        OPS.int8_q8_linear(torch.randn(1, 96), codes, torch.ones(8, 3), 32)
+    with pytest.raises(RuntimeError, match="group 16 or 32"):
+        OPS.int8_q8_linear(torch.randn(1, 128), torch.zeros(8, 128, dtype=torch.int8), torch.ones(8, 2), 64)
 
 
 def make_layer(n: int, k: int, seed: int = 0):
@@ -101,7 +138,7 @@ def test_linear_method_takes_the_int8_path_for_decode_rows_only():
     layer, method = make_layer(50, 576)  # 50 rows: padded to 64 inside, sliced back
     w = method.dequantized(layer)
     assert w.shape == (50, 576)
-    vnni = OPS.int4_q8_isa() == "avx512vnni"
+    vnni = OPS.q8_isa() == "avx512vnni"
     assert hasattr(layer, "q8_kernel") == vnni and hasattr(layer, "packed") != vnni
     g = torch.Generator().manual_seed(1)
     for rows in (1, INT4_GEMM_ROWS - 1, INT4_GEMM_ROWS):
@@ -129,9 +166,29 @@ def test_an_input_size_the_kernel_cannot_take_keeps_torch_s_kernel():
 
 
 def test_the_kernel_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("FLEETLM_INT4_Q8", "0")
+    monkeypatch.setenv("FLEETLM_INT8_ACTIVATIONS", "0")
     layer, method = make_layer(16, 128)
     assert not hasattr(layer, "q8_kernel") and hasattr(layer, "packed")
     x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
     want = torch._weight_int4pack_mm_for_cpu(x, layer.packed, 32, layer.scales_zeros)[:, :16]
     assert torch.equal(method.apply(layer, x, None), want)
+
+
+def test_int8_group_method_takes_the_int8_path_for_bf16_decode_rows():
+    layer, method = torch.nn.Module(), Int8GroupLinearMethod(32)
+    method.create_weights(layer, 576, 40, torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    layer.qweight.data.copy_(torch.randint(-127, 128, (40, 576), dtype=torch.int8, generator=g))
+    layer.scales.data.copy_(torch.rand(40, 18, generator=g) * 0.01)
+    method.process_weights_after_loading(layer)
+    vnni = int8_activation_kernels() is not None
+    assert (getattr(layer, "q8_kernel", None) is not None) == vnni
+    w = method.dequantized(layer)
+    x = torch.randn(2, 576, generator=g)
+    y16 = method.apply(layer, x.bfloat16(), None)
+    if vnni:
+        assert torch.equal(y16, OPS.int8_q8_linear(x.bfloat16(), layer.qweight, layer.scales, 32))
+    exact = x.bfloat16().double() @ w.double().T
+    assert (y16.double() - exact).abs().max() <= 0.02 * exact.abs().max()
+    # fp32 input: fp32 activations, no rounding
+    torch.testing.assert_close(method.apply(layer, x, None), x @ w.T, rtol=1e-5, atol=1e-4)
