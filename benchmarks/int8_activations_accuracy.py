@@ -11,7 +11,7 @@ activations, on the shipped SmolLM2 GGUF (Q4_1 layers, Q8_0 head) or another GGU
    the kernel, and where the others first differ. For scale, the same count between bf16
    activations and the dense bf16 model.
 
-    python benchmarks/int4_q8_accuracy.py [--model PATH.gguf]
+    python benchmarks/int8_activations_accuracy.py [--model PATH.gguf]
 
 Needs an AVX512-VNNI machine (without one the kernel is never used and there is nothing to compare).
 """

@@ -1,7 +1,8 @@
 """Quantized matmuls by the number of input rows (issue 17): where each path wins.
 
-- SmolLM2's Q8_0 head (49152 x 576): the group-wise int8 kernel, and the bf16 GEMM on a dense copy
-  (what a tied head reads from its embedding table).
+- SmolLM2's Q8_0 head (49152 x 576): the group-wise int8 kernel (fp32 activations), the int8 x int8
+  kernel (``int8_q8_linear``, bf16 activations rounded to int8; AVX512-VNNI machines only), and the
+  bf16 GEMM on a dense copy (what a tied head reads from its embedding table).
 - int4 g32 [3072, 576] and [576, 1536] (gate/up and down): torch's packed kernel, the int4 x int8
   kernel (``int4_q8_linear``, AVX512-VNNI machines only), and the compiled dequantization followed
   by the bf16 GEMM.
@@ -43,10 +44,13 @@ def main() -> None:
     q = torch.randint(-127, 128, (n, kk), dtype=torch.int8, generator=g)
     s = torch.rand(n, kk // 32, generator=g) * 0.01
     dense = k.int8_group_dequant(q, s, 32, torch.bfloat16)
-    print("Q8_0 head 49152 x 576: rows, int8 kernel ms, bf16 GEMM on the dense table ms")
+    vnni = k.q8_isa() == "avx512vnni"
+    print("Q8_0 head 49152 x 576: rows, int8 kernel ms, int8 x int8 kernel ms"
+          f"{'' if vnni else ' (no VNNI: not run)'}, bf16 GEMM on the dense table ms")
     for m in ROWS:
         x = torch.randn(m, kk, generator=g).bfloat16()
-        print(f"  {m:3d} {best_ms(k.int8_group_linear, x.float(), q, s, 32):8.2f} "
+        q8 = best_ms(k.int8_q8_linear, x, q, s, 32) if vnni else float("nan")
+        print(f"  {m:3d} {best_ms(k.int8_group_linear, x.float(), q, s, 32):8.2f} {q8:8.2f} "
               f"{best_ms(F.linear, x, dense):8.2f}")
     for n, kk in ((3072, 576), (576, 1536)):
         layer, method = torch.nn.Module(), Int4LinearMethod(32)
@@ -55,7 +59,6 @@ def main() -> None:
         method.process_weights_after_loading(layer)
         codes = torch.stack([layer.nibbles & 0x0F, layer.nibbles >> 4], dim=-1).reshape(n, kk)
         packed_w = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
-        vnni = hasattr(layer, "q8_kernel")
         print(f"int4 g32 {n} x {kk}: rows, packed kernel ms, int4 x int8 kernel ms"
               f"{'' if vnni else ' (no VNNI: not run)'}, dequantize + bf16 GEMM ms")
         for m in ROWS:
