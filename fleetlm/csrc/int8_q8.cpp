@@ -2,7 +2,8 @@
 // activation quantized per call).
 //
 // y[m, n] = sum_k s[n, k / group] * q[n, k] * dx[m, k / 32] * xq[m, k], q and xq in -127..127
-// (xq = round(x * 127 / amax) per 32 inputs, dx = amax / 127), group 16 or 32. AVX512-VNNI's
+// (xq = round(x * 127 / amax) per 32 inputs, dx = amax / 127), group 16, 32, or K (one scale per
+// output row: the ``int8`` format and its LM head). AVX512-VNNI's
 // vpdpbusd multiplies unsigned by signed bytes, so the codes are read as q + 128 (one xor with
 // 0x80) and the 128 * sum(xq) that adds is taken off by starting each sum at -128 * sum(xq) of its
 // four inputs (computed once per call). 64 weights are one load; lane l of the 16 int32 sums
@@ -63,10 +64,16 @@ struct Tile {
 };
 
 #if FLEETLM_INT8_Q8_VNNI
+// Scales per weight row: K / group, or 1 for a per-row scale (kGroup 0).
+template <int kGroup>
+constexpr int64_t groups(int64_t K) { return kGroup ? K / kGroup : 1; }
+
 // The weight scale of each lane of the chunk at input k0.
 template <int kGroup>
 inline __m512 lane_scales(const float* s, int64_t k0) {
-  if constexpr (kGroup == 32) {
+  if constexpr (kGroup == 0) {
+    return _mm512_set1_ps(s[0]);
+  } else if constexpr (kGroup == 32) {
     const __m128 v = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + k0 / 32)));
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
                                  _mm512_castps128_ps512(v));
@@ -80,7 +87,7 @@ inline __m512 lane_scales(const float* s, int64_t k0) {
 template <int R, int T, int kGroup>
 __attribute__((always_inline)) inline void rows_block(const int8_t* w, const float* s, const Tile& x, int64_t K,
                                                       float (*out)[kMaxTile]) {
-  const int64_t G = K / kGroup;
+  const int64_t G = groups<kGroup>(K);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -115,7 +122,7 @@ template <typename O, int T, int kGroup>
 void rows_dot(const int8_t* wp, const float* sp, const Tile& x, int64_t K, int64_t begin, int64_t end, O* y,
               int64_t N) {
   constexpr int R = T <= 2 ? 4 : 1;
-  const int64_t G = K / kGroup;
+  const int64_t G = groups<kGroup>(K);
   float out[4][kMaxTile];
   for (int64_t n = begin; n < end; n += R) {
     const int64_t ahead = n + kPrefetchRows;  // the rows ahead, so their loads overlap this block's math
@@ -190,7 +197,8 @@ torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& q, const 
     for (size_t i = 0; i < tiles.size(); ++i) {
       T* out = yp + static_cast<int64_t>(i) * kMaxTile * N;
 #if FLEETLM_INT8_Q8_VNNI
-      if (group == 32) tile_rows<T, 32>(wp, sp, tiles[i], K, begin, end, out, N);
+      if (group == K) tile_rows<T, 0>(wp, sp, tiles[i], K, begin, end, out, N);
+      else if (group == 32) tile_rows<T, 32>(wp, sp, tiles[i], K, begin, end, out, N);
       else tile_rows<T, 16>(wp, sp, tiles[i], K, begin, end, out, N);
 #else
       rows_portable(wp, sp, tiles[i], K, group, begin, end, out, N);
@@ -202,11 +210,11 @@ torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& q, const 
 
 }  // namespace
 
-// x [M, K] fp32 or bf16; q [N, K] int8; s [N, K/group] fp32 -> y [M, N] in x's dtype.
+// x [M, K] fp32 or bf16; q [N, K] int8; s [N, K/group] fp32 (group K: [N, 1]) -> y [M, N] in x's dtype.
 torch::Tensor int8_q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_q8_linear: x must be 2-D and contiguous");
-  TORCH_CHECK(group == 16 || group == 32, "int8_q8_linear: group 16 or 32, got ", group);
   const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(group == 16 || group == 32 || group == K, "int8_q8_linear: group 16, 32 or K (per row), got ", group);
   TORCH_CHECK(K % 64 == 0, "int8_q8_linear: K must be a multiple of 64, got ", K);
   TORCH_CHECK(q.scalar_type() == torch::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) == K,
               "int8_q8_linear: q int8 [N, K]");

@@ -3,7 +3,10 @@
 ``w[n, k] ≈ q[n, k] * scale[n]`` with ``q`` in [-127, 127] and ``scale = max_k |w[n, k]| / 127``.
 On the CPU ``torch._weight_int8pack_mm`` computes ``x @ q.T * scale`` without materialising the
 dequantized matrix (measured 3-4x faster than bf16 ``F.linear`` at batch 1 on SmolLM2 shapes and
-~10x faster than dequantize + matmul); elsewhere the weight is dequantized per call.
+~10x faster than dequantize + matmul); elsewhere the weight is dequantized per call. On a machine
+with AVX512-VNNI, bf16 decode rows instead go to the compiled ``int8_q8_linear``, which rounds
+them to int8 per 32 values and multiplies codes as integers (W8A8 for those rows; see
+``base.int8_activation_kernels``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fleetlm.layers.linear import LinearMethod
-from fleetlm.quantization.base import as_2d, drop_param, staging_weight
+from fleetlm.quantization.base import as_2d, drop_param, int8_activation_kernels, staging_weight
 
 
 def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,6 +29,7 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 GEMM_ROWS = 64  # from this many rows the packed GEMV kernels lose to dequantize + the dtype's GEMM
+Q8_ROWS = 16  # below this many bf16 rows int8_q8_linear, where the machine has it
 
 
 def needs_grad(x: torch.Tensor) -> bool:
@@ -39,8 +43,12 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     large batches: measured 239 ms vs 60 ms for 2048 x [3072, 576]). An input that needs its
     gradient (QLoRA training) always takes the differentiable GEMM path."""
     x2, lead = as_2d(x)
-    if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32) and x2.shape[0] < GEMM_ROWS \
-            and not needs_grad(x2):
+    decode = x2.device.type == "cpu" and x2.shape[0] < GEMM_ROWS and not needs_grad(x2)
+    q8 = int8_activation_kernels() if decode and x2.dtype == torch.bfloat16 and x2.shape[0] < Q8_ROWS \
+        and q.shape[1] % 64 == 0 else None
+    if q8 is not None:
+        y = q8.int8_q8_linear(x2, q, scale.float()[:, None], q.shape[1])
+    elif decode and x2.dtype in (torch.bfloat16, torch.float32):
         y = torch._weight_int8pack_mm(x2, q, scale)
     else:
         y = F.linear(x2, q.to(x2.dtype) * scale[:, None])

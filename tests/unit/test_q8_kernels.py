@@ -89,6 +89,8 @@ def test_kernel_equals_its_definition(threads, n, k, group, rows):
     (64, 512, 16, 2),     # Q6_K's group of 16
     (45, 1536, 32, 3),    # one weight row at a time from 3 input rows
     (23, 576, 16, 17),    # three tiles
+    (41, 576, 576, 1),    # one scale per output row (the int8 format)
+    (20, 1536, 1536, 5),
 ])
 def test_int8_kernel_equals_its_definition(threads, n, k, group, rows):
     g = torch.Generator().manual_seed(n + rows)
@@ -122,7 +124,7 @@ def test_kernel_rejects_what_it_cannot_do():
     codes = torch.zeros(8, 96, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="multiple of 64"):
         OPS.int8_q8_linear(torch.randn(1, 96), codes, torch.ones(8, 3), 32)
-    with pytest.raises(RuntimeError, match="group 16 or 32"):
+    with pytest.raises(RuntimeError, match="group 16, 32 or K"):
         OPS.int8_q8_linear(torch.randn(1, 128), torch.zeros(8, 128, dtype=torch.int8), torch.ones(8, 2), 64)
 
 
@@ -192,3 +194,21 @@ def test_int8_group_method_takes_the_int8_path_for_bf16_decode_rows():
     assert (y16.double() - exact).abs().max() <= 0.02 * exact.abs().max()
     # fp32 input: fp32 activations, no rounding
     torch.testing.assert_close(method.apply(layer, x, None), x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+def test_per_channel_int8_takes_the_int8_path_for_bf16_decode_rows():
+    from fleetlm.quantization.int8 import GEMM_ROWS, Q8_ROWS, int8_linear, quantize_int8_per_channel
+
+    g = torch.Generator().manual_seed(5)
+    q, scale = quantize_int8_per_channel(torch.randn(48, 576, generator=g) * 0.05)
+    scale16 = scale.bfloat16()
+    w = q.double() * scale16.double()[:, None]
+    for rows in (1, Q8_ROWS - 1, Q8_ROWS, GEMM_ROWS):
+        x = torch.randn(rows, 576, generator=g).bfloat16()
+        y = int8_linear(x, q, scale16)
+        if rows < Q8_ROWS and int8_activation_kernels() is not None:
+            assert torch.equal(y, OPS.int8_q8_linear(x, q, scale16.float()[:, None], 576))
+        elif rows < GEMM_ROWS:
+            assert torch.equal(y, torch._weight_int8pack_mm(x, q, scale16))
+        exact = x.double() @ w.T
+        assert (y.double() - exact).abs().max() <= 0.02 * exact.abs().max()
