@@ -25,6 +25,7 @@ namespace {
 
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kRowsInFlight = 4;
+constexpr int64_t kPrefetchAhead = 8;  // weight rows
 
 inline float bf16_bits_to_float(uint16_t b) {
   const uint32_t bits = static_cast<uint32_t>(b) << 16;
@@ -102,6 +103,13 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; n += kRowsInFlight) {
       const int64_t R = std::min(kRowsInFlight, end - n);
+#if defined(__AVX512F__)
+      if (n + kPrefetchAhead + kRowsInFlight <= end)  // the rows ahead, so their loads overlap this math
+        for (int64_t r = 0; r < kRowsInFlight; ++r) {
+          const char* row = reinterpret_cast<const char*>(wp + (n + kPrefetchAhead + r) * ws);
+          for (int64_t off = 0; off < K * 2; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        }
+#endif
       const uint16_t* rows[kRowsInFlight];
       float acc[kRowsInFlight][kGemvMaxRows] = {};
       for (int64_t r = 0; r < R; ++r) rows[r] = wp + (n + r) * ws;
