@@ -48,7 +48,7 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.weight = nn.Parameter(torch.empty(out_per_rank, in_per_rank, dtype=dtype), requires_grad=False)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return gemv.linear(x, layer.weight, bias)  # F.linear; decode-sized bf16 inputs take the GEMV
+        return gemv.linear(x, layer.weight, bias, layer)  # F.linear; bf16 on the CPU: the GEMV or prepacked
 
 
 def _check_divides(what: str, n: int, tp: int) -> None:

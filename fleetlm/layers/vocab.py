@@ -58,7 +58,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """fp32 logits [rows, vocab] on TP rank 0 (None on the other ranks)."""
-        local = gemv.linear(hidden, self.weight)
+        local = gemv.linear(hidden, self.weight, None, self)
         full = tensor_model_parallel_gather(local, dim=-1)
         if full is None:
             return None

@@ -92,3 +92,26 @@ def test_gemv_avx512f_path(tmp_path) -> None:
     for m, k, n in [(1, 576, 96), (3, 100, 37), (8, 33, 5)]:
         x, w, b = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
         _close_to_reference(mod.f(x, w, b), F.linear(x.float(), w.float(), b.float()))
+
+
+def test_larger_bf16_inputs_use_a_prepacked_weight_that_follows_in_place_changes(monkeypatch) -> None:
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("no oneDNN bf16 kernels on this machine")
+    monkeypatch.setattr(gemv, "_PREPACK", [True])
+    g = torch.Generator().manual_seed(7)
+    owner = torch.nn.Linear(96, 40).bfloat16().requires_grad_(False)
+    owner.weight.copy_(torch.randn(40, 96, generator=g))
+    x = torch.randn(3, 6, 96, generator=g).bfloat16()  # 18 rows, more than GEMV_ROWS
+    y = gemv.linear(x, owner.weight, owner.bias, owner)
+    assert y.shape == (3, 6, 40) and hasattr(owner, "_prepacked")
+    _close_to_reference(y.reshape(18, 40), x.reshape(18, 96).float() @ owner.weight.float().T + owner.bias.float())
+    packed = owner._prepacked[1]
+    gemv.linear(x, owner.weight, None, owner)
+    assert owner._prepacked[1] is packed  # reused while the weight is unchanged
+    with torch.no_grad():
+        owner.weight.mul_(-2)  # e.g. new weights loaded in place
+    y2 = gemv.linear(x, owner.weight, None, owner)
+    assert owner._prepacked[1] is not packed
+    _close_to_reference(y2.reshape(18, 40), x.reshape(18, 96).float() @ owner.weight.float().T)
+    monkeypatch.setattr(gemv, "_PREPACK", [False])  # FLEETLM_PREPACK=0: plain F.linear
+    assert torch.equal(gemv.linear(x, owner.weight, None, owner), F.linear(x, owner.weight))
