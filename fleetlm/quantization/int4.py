@@ -9,7 +9,7 @@ zeros in the same convention (``Int4LinearMethod(prequantized=True)``).
 On the CPU every layer keeps the codes two per byte (``nibbles``, our own layout), and how it
 multiplies depends on the rows and the machine:
 
-- Below ``INT4_GEMM_ROWS`` bf16 rows (decode), with AVX512-VNNI: the activations are rounded to
+- Below ``INT4_Q8_ROWS`` bf16 rows (decode), with AVX512-VNNI: the activations are rounded to
   int8 per 32 values (scale ``amax / 127``, as llama.cpp's Q8 activations) and multiplied with the
   codes as integers (``csrc/int4_q8.cpp``; scale and ``zero - 8 * scale`` in fp16 per group). This
   is W4A8 for those rows: the one rounding it adds is the activations' (relative error ~0.4% of a
@@ -42,6 +42,10 @@ _INNER_K_TILES = 2
 # row for [3072, 576]); the compiled dequantization of that matrix and a bf16 GEMM take 0.27 ms at
 # 8-16 rows (`python benchmarks/quant_rows.py`; benchmarks/RESULTS.md, issue 17, second pass).
 INT4_GEMM_ROWS = 16
+# The int4 x int8 kernel (AVX512-VNNI) below this many rows: in the engine, where the weights come
+# from beyond the caches, 16 decode rows ran 30% faster with it than dequantize + GEMM, 24 rows 7%,
+# 32 rows the same, 64 rows 22% slower (16-64 prompts x 192 greedy tokens, shipped GGUF).
+INT4_Q8_ROWS = 24
 
 
 def check_group_size(group_size: int, in_features: int, what: str = "the layer") -> None:
@@ -119,8 +123,9 @@ class Int4LinearMethod(LinearMethod):
         x2, lead = as_2d(x)
         n = layer.out_features
         # QLoRA: an input whose gradient is wanted takes the GEMM path, which carries it
-        gemv = x2.shape[0] < INT4_GEMM_ROWS and not needs_grad(x2)
-        if gemv and hasattr(layer, "q8_kernel") and x2.dtype == torch.bfloat16:
+        rows, grad = x2.shape[0], needs_grad(x2)
+        gemv = rows < INT4_GEMM_ROWS and not grad
+        if rows < INT4_Q8_ROWS and not grad and hasattr(layer, "q8_kernel") and x2.dtype == torch.bfloat16:
             y = layer.q8_kernel.int4_q8_linear(x2, layer.nibbles, layer.q8_scales, layer.q8_mins, self.group_size)
         elif gemv and hasattr(layer, "packed") and x2.dtype != torch.float32:  # fp32: a scalar loop there
             y = torch._weight_int4pack_mm_for_cpu(x2, layer.packed, self.group_size, layer.scales_zeros)

@@ -17,7 +17,7 @@ import torch
 
 from fleetlm.ops import cpu_ops
 from fleetlm.quantization.base import int8_activation_kernels
-from fleetlm.quantization.int4 import INT4_GEMM_ROWS, Int4LinearMethod
+from fleetlm.quantization.int4 import INT4_GEMM_ROWS, INT4_Q8_ROWS, Int4LinearMethod
 from fleetlm.quantization.int8_group import Int8GroupLinearMethod
 
 OPS = cpu_ops()
@@ -143,17 +143,17 @@ def test_linear_method_takes_the_int8_path_for_decode_rows_only():
     vnni = OPS.q8_isa() == "avx512vnni"
     assert hasattr(layer, "q8_kernel") == vnni and hasattr(layer, "packed") != vnni
     g = torch.Generator().manual_seed(1)
-    for rows in (1, INT4_GEMM_ROWS - 1, INT4_GEMM_ROWS):
+    for rows in (1, INT4_GEMM_ROWS, INT4_Q8_ROWS - 1, INT4_Q8_ROWS):
         x = torch.randn(rows, 576, generator=g).bfloat16()
         y = method.apply(layer, x, None)
         assert y.shape == (rows, 50)
-        if rows < INT4_GEMM_ROWS and vnni:  # exactly the kernel, on the layer's fp16 scales
+        if rows < INT4_Q8_ROWS and vnni:  # exactly the kernel, on the layer's fp16 scales
             want = OPS.int4_q8_linear(x, layer.nibbles, layer.q8_scales, layer.q8_mins, 32)[:, :50]
             assert torch.equal(y, want)
             exact = x.double() @ w.double().T  # no activation rounding
             # the int8 activations cost ~0.4% of a block's largest value per element
             assert (y.double() - exact).abs().max() <= 0.02 * exact.abs().max()
-        elif rows >= INT4_GEMM_ROWS:  # the bf16 GEMM on the dequantized weight
+        elif rows >= INT4_GEMM_ROWS:  # no kernel for these rows: the bf16 GEMM on the dequantized weight
             torch.testing.assert_close(y, torch.nn.functional.linear(x, w.bfloat16()))
     x = torch.randn(3, 576, generator=g)  # fp32 input: the GEMM path, no activation rounding
     torch.testing.assert_close(method.apply(layer, x, None), x @ w.T, rtol=1e-5, atol=1e-5)
