@@ -38,9 +38,11 @@ def workload(seed: int, groups: int, per_group: int, prefix: int, question: int)
     return prompts
 
 
-def start_replica(i: int, events: bool) -> subprocess.Popen:
+def start_replica(i: int, events: bool, kv_cache_memory: str | None) -> subprocess.Popen:
     cmd = ["taskset", "-c", str(i), sys.executable, "-m", "fleetlm.entrypoints.cli", "serve", MODEL,
            "--port", str(PORTS[i]), "--num-threads", "1", "--max-num-seqs", "64"]
+    if kv_cache_memory:
+        cmd += ["--kv-cache-memory", kv_cache_memory]
     if events:
         cmd += ["--kv-events-endpoint", f"tcp://127.0.0.1:{EVENT_PORTS[i]}"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,7 +113,8 @@ async def drive(url: str, prompts: list[list[int]], rate: float, max_tokens: int
 
 
 def run(policy: str, a: argparse.Namespace) -> dict:
-    reps = [start_replica(i, policy == "prefix-precise") for i in ((0,) if policy == "single" else (0, 1))]
+    kv = a.kv_cache_memory if policy != "single" or not a.single_kv_cache_memory else a.single_kv_cache_memory
+    reps = [start_replica(i, policy == "prefix-precise", kv) for i in ((0,) if policy == "single" else (0, 1))]
     router = None
     try:
         for i in range(len(reps)):
@@ -149,14 +152,20 @@ def main() -> None:
     p.add_argument("--question", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-memory", help="each replica's KV cache (e.g. 288MiB); default: the engine's")
+    p.add_argument("--single-kv-cache-memory", help="KV cache of --policy single (e.g. the two replicas' sum)")
+    p.add_argument("--label", help="key in --out (default: the policy)")
     p.add_argument("--out")
     a = p.parse_args()
     load = os.getloadavg()
-    res = run(a.policy, a) | {"load_before": load, "load_after": os.getloadavg(), "rate": a.rate}
-    print(json.dumps({a.policy: res}, indent=1))
+    res = run(a.policy, a) | {"load_before": load, "load_after": os.getloadavg(), "rate": a.rate,
+                              "kv_cache_memory": a.single_kv_cache_memory if a.policy == "single"
+                              and a.single_kv_cache_memory else a.kv_cache_memory}
+    label = a.label or a.policy
+    print(json.dumps({label: res}, indent=1))
     if a.out:
         prev = json.load(open(a.out)) if os.path.exists(a.out) else {}
-        prev[a.policy] = res
+        prev[label] = res
         with open(a.out, "w") as f:
             json.dump(prev, f, indent=1)
 
