@@ -6,10 +6,20 @@ sequences of 128 tokens from the Python standard library, 4 sequences per step (
 data-parallel rank takes 4 / dp), AdamW, 6 steps of which the first 2 are warm-up.
 Every rank gets one thread; one process gets all of them.
 
-Memory: a rank's largest resident set during steps 2-6 minus its resident set just before the
-model is built (libraries and tokenizer excluded; the lifetime peak, which includes building
-the full model before sharding, is recorded beside it), against the planner's states + activations for this
-strategy (float32 activations: ``act_bytes = 4``).
+Memory, three measures per rank, each its largest value during the steps minus its value just
+before the model is built (libraries and tokenizer excluded):
+- tensors (``--tensor-peak``, a second run of each strategy under ``fleetlm.train.memory.
+  TensorMemoryTrace``, steps 2-3): the live CPU tensor bytes, exactly (every allocation and free
+  replayed in order); the CPU counterpart of ``torch.cuda.max_memory_allocated``, and what the
+  planner predicts;
+- allocated (steps 2-6, sampled every 2 ms): the bytes glibc's malloc has handed out and not had back (``mallinfo2``: in-use
+  heap chunks plus mmapped chunks), i.e. the live tensors and buffers, the CPU counterpart of
+  tensors plus the non-tensor heap (gloo buffers, Python objects), sampled (Linux with glibc only);
+- resident (RSS): allocated plus what the allocator keeps after a free (heap pages it has not
+  returned to the system, fragmentation), the counterpart of CUDA's reserved memory.
+The lifetime RSS peak, which includes building the full model before sharding, is recorded
+beside them. Planner: states + activations for this strategy (float32 activations:
+``act_bytes = 4``).
 
     flock /tmp/fleetlm-bench.lock python benchmarks/train_strategies.py --out benchmarks/train_strategies.json
 """
@@ -17,6 +27,7 @@ strategy (float32 activations: ``act_bytes = 4``).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -44,6 +55,31 @@ STRATEGIES = {  # name -> (world, overrides, planner strategy)
 }
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = _MallInfo2
+    return f
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def allocated_bytes() -> int:
+    """Bytes malloc has handed out and not had back, over all arenas (0 without glibc)."""
+    if _MALLINFO2 is None:
+        return 0
+    m = _MALLINFO2()
+    return m.uordblks + m.hblkhd
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -56,13 +92,14 @@ class RssSampler:
     def __init__(self) -> None:
         import threading
 
-        self.peak, self._stop = rss_bytes(), threading.Event()
+        self.peak, self.peak_allocated, self._stop = rss_bytes(), allocated_bytes(), threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
     def _poll(self) -> None:
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, rss_bytes())
+            self.peak_allocated = max(self.peak_allocated, allocated_bytes())
 
     def stop(self) -> int:
         self._stop.set()
@@ -85,6 +122,39 @@ def _overrides(name: str) -> list[str]:
     return [*BASE, *STRATEGIES[name][1]]
 
 
+def tensor_peak_worker(rank: int, world: int, port: int, name: str, out: str, threads: int) -> None:
+    import torch.distributed as dist
+
+    from fleetlm.train.config import load_config
+    from fleetlm.train.memory import TensorMemoryTrace
+    from fleetlm.train.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = load_config(None, _overrides(name))
+    with TensorMemoryTrace() as trace:
+        with trace.window():
+            pass  # the live bytes before the model is built
+        tr = Trainer(cfg)
+        tr.train_step()
+        with trace.window():
+            tr.train_step()
+            tr.train_step()
+    Path(out, f"{name}.{rank}.json").write_text(json.dumps({"tensor_peak_bytes": trace.peak - trace.live_at_window}))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def tensor_peaks(name: str, threads_total: int) -> list[int]:
+    world = STRATEGIES[name][0]
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(tensor_peak_worker, args=(world, free_port(), name, out, max(1, threads_total // world)),
+                                    nprocs=world, join=True)
+        return [json.loads(Path(out, f"{name}.{r}.json").read_text())["tensor_peak_bytes"] for r in range(world)]
+
+
 def worker(rank: int, world: int, port: int, name: str, out: str, threads: int) -> None:
     import torch.distributed as dist
 
@@ -97,15 +167,16 @@ def worker(rank: int, world: int, port: int, name: str, out: str, threads: int) 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = load_config(None, _overrides(name))
     _warm_imports(_tokenizer(cfg.model.tokenizer))
-    base = rss_bytes()
+    base, base_allocated = rss_bytes(), allocated_bytes()
     tr = Trainer(cfg)
     rows = [tr.train_step()]  # the first step allocates AdamW's state
     sampler = RssSampler()
     rows += [tr.train_step() for _ in range(cfg.training.steps - 1)]
     peak = sampler.stop() - base
+    allocated = sampler.peak_allocated - base_allocated if _MALLINFO2 is not None else None
     lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     Path(out, f"{name}.{rank}.json").write_text(json.dumps({
-        "rank": rank, "peak_bytes": peak, "lifetime_peak_bytes": lifetime, "step_s": [m.seconds for m in rows], "loss": rows[-1].loss,
+        "rank": rank, "peak_bytes": peak, "peak_allocated_bytes": allocated, "lifetime_peak_bytes": lifetime, "step_s": [m.seconds for m in rows], "loss": rows[-1].loss,
         "tokens_per_step": rows[-1].tokens, "flops_per_token": tr.flops_per_token,
         "hf_config": tr.tm.hf_config}))
     if world > 1:
@@ -168,6 +239,7 @@ def run(name: str, threads_total: int, peak_1t: float) -> dict:
     return {"strategy": name, "world": world, "micro_batch": micro, "hf_config": ranks[0]["hf_config"], "threads_per_rank": threads, "tokens_per_s": tps,
             "mfu": tps * ranks[0]["flops_per_token"] / peak, "final_loss": ranks[0]["loss"],
             "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
+            "peak_allocated_bytes_per_rank": [r["peak_allocated_bytes"] for r in ranks],
             "lifetime_peak_bytes_per_rank": [r["lifetime_peak_bytes"] for r in ranks], "planner": plan}
 
 
@@ -194,9 +266,15 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/train_strategies.json")
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--replan", action="store_true", help="only recompute the planner columns of --out")
+    ap.add_argument("--tensor-peak", action="store_true",
+                    help="only add each strategy's exact live tensor peak per rank to --out (a profiled run)")
     args = ap.parse_args()
     if args.replan:
         result = replan(args.out)
+    elif args.tensor_peak:
+        result = json.loads(Path(args.out).read_text())
+        for r in result["rows"]:
+            r["tensor_peak_bytes_per_rank"] = tensor_peaks(r["strategy"], result["threads"])
     else:
         threads = len(os.sched_getaffinity(0))
         peak_1t = fp32_peak_flops(1)
@@ -208,8 +286,13 @@ def main() -> None:
     for r in result["rows"]:
         p = r["planner"]
         mem = max(r["peak_bytes_per_rank"])
-        print(f"{r['strategy']:10s} {r['tokens_per_s']:8.0f} tok/s  MFU {r['mfu']:.3f}  peak/rank "
-              f"{mem / 2**20:7.1f} MiB  planner {p['memory_bytes'] / 2**20:7.1f} MiB "
+        alloc = max(r.get("peak_allocated_bytes_per_rank") or [None], key=lambda v: v or 0)
+        a = f"allocated {alloc / 2**20:7.1f} MiB ({alloc / p['memory_bytes'] - 1:+.0%})  " if alloc else ""
+        if r.get("tensor_peak_bytes_per_rank"):
+            tp = max(r["tensor_peak_bytes_per_rank"])
+            a = f"tensors {tp / 2**20:7.1f} MiB ({tp / p['memory_bytes'] - 1:+.0%})  " + a
+        print(f"{r['strategy']:10s} {r['tokens_per_s']:8.0f} tok/s  MFU {r['mfu']:.3f}  planner "
+              f"{p['memory_bytes'] / 2**20:7.1f} MiB  {a}RSS {mem / 2**20:7.1f} MiB "
               f"({mem / p['memory_bytes'] - 1:+.0%})  planner tok/s@MFU0.4 {p['tokens_per_s_at_mfu_0.4']:.0f}")
 
 

@@ -5,15 +5,19 @@ Mixed-precision Adam, as in the ZeRO paper (Rajbhandari et al., 2020, sec. 3.1):
 ZeRO-1 shards the 12 B over the ``dp`` ranks, ZeRO-2 also the grads, ZeRO-3 also the params
 (and gathers two layers' bf16 params at a time: the current one and the prefetched next).
 PyTorch FSDP2 with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` keeps the
-sharded params in fp32 (4), grads in fp32 (4) and Adam state (8): 16 B/param / dp, plus, for
-the largest unit (a decoder layer or, when the vocabulary makes it bigger, the embedding or the
-LM head: FSDP gathers each whole), its unsharded bf16 params twice (the current and the
-prefetched unit), the all-gather's flat output before it is copied out into them, the unit's
-unsharded bf16 grads, and the reduce-scatter's flat input in the fp32 reduce dtype. DDP keeps
-its gradients as views of the all-reduce buckets (``gradient_as_bucket_view``, as fleetlm's
-trainer does), so no second copy. The optimizer step adds, for its largest tensor (this rank's
-slice of the embedding or head, or of the widest matrix), the two fp32 temporaries AdamW's
-``sqrt(v) / bias_correction`` makes (PyTorch's per-tensor implementation).
+sharded params in fp32 (4), grads in fp32 (4) and Adam state (8): 16 B/param / dp. While the
+activations peak (the start of backward) it also holds, unsharded in the compute dtype: the
+LM head (its own unit, kept gathered from its forward to its backward), and for the largest
+decoder layer in backward its params, the prefetched next layer's, the layer's grads, and the
+reduce-scatter's flat input in the fp32 reduce dtype. DDP keeps its gradients as views of the
+all-reduce buckets (``gradient_as_bucket_view``, as fleetlm's trainer does), so no second copy.
+The optimizer step makes, for its largest tensor (this rank's slice of the embedding or head,
+or of the widest matrix), the two fp32 temporaries AdamW's ``sqrt(v) / bias_correction`` makes
+(PyTorch's per-tensor implementation); they come after backward has freed the activations, so
+the peak is the states plus the larger of (activations + gathered buffers) and those
+temporaries. These are live tensor bytes (what ``torch.cuda.max_memory_allocated`` reports on a
+GPU); the allocator's own retention (reserved minus allocated; on a CPU, the resident set minus
+allocated) comes on top.
 
 Activations saved for backward, per token and layer, bf16, flash attention (no score matrix):
 the two norm inputs and their outputs (4h), Q, K, V and the attention output
@@ -58,17 +62,19 @@ class StrategyMemory:
     overhead: float
     usable: float
 
+    step_temps: float = 0.0  # the optimizer step's temporaries (after backward: no activations then)
+
     @property
     def states(self) -> float:
         return self.params + self.grads + self.optimizer + self.buffers + self.overhead
 
     @property
     def total(self) -> float:
-        return self.states + self.activations
+        return self.states + max(self.activations, self.step_temps - self.buffers)
 
     @property
     def total_ckpt(self) -> float:
-        return self.states + self.activations_ckpt
+        return self.states + max(self.activations_ckpt, self.step_temps - self.buffers)
 
     @property
     def fits(self) -> bool:
@@ -79,7 +85,7 @@ class StrategyMemory:
         return self.total_ckpt <= self.usable
 
     def as_dict(self) -> dict[str, object]:
-        keys = ("params", "grads", "optimizer", "buffers", "activations", "activations_ckpt")
+        keys = ("params", "grads", "optimizer", "buffers", "activations", "activations_ckpt", "step_temps")
         return {**{k: round(getattr(self, k)) for k in keys}, "total": round(self.total),
                 "total_ckpt": round(self.total_ckpt), "fits": self.fits, "fits_ckpt": self.fits_ckpt}
 
@@ -104,16 +110,17 @@ def activation_bytes(m: ModelSpec, seq_len: int, micro_batch: int, tp: int,
 
 
 def state_bytes(strategy: str, n: float, dp: int, layer: float = 0.0,
-                compute_bytes: int = 2) -> tuple[float, ...]:
+                compute_bytes: int = 2, head: float = 0.0) -> tuple[float, ...]:
     """(params, grads, optimizer, gather buffers) bytes per GPU for ``n`` params and ``dp`` ranks.
 
-    ``layer`` is the parameter count of the largest unit ZeRO-3/FSDP gathers at once (a decoder
-    layer, or the embedding / LM head when the vocabulary makes them bigger), gathered in the
-    compute dtype (``compute_bytes``: 2 for bf16, 4 for float32 training).
+    ``layer`` is the parameter count of the largest unit ZeRO-3 gathers at once (a decoder layer,
+    or the embedding / LM head when the vocabulary makes them bigger); for FSDP2 the largest
+    decoder layer, and ``head`` the LM head's (its own unit, gathered from its forward to its
+    backward). Gathered in the compute dtype (``compute_bytes``: 2 for bf16, 4 for float32).
     """
     cb = compute_bytes
-    if strategy == "fsdp2":  # params x2 (current, prefetched) + all-gather output + grads + fp32 reduce input
-        return 4 * n / dp, 4 * n / dp, 8 * n / dp, 4 * cb * layer + 4 * layer
+    if strategy == "fsdp2":  # head + layer params x2 (current, prefetched) + its grads + fp32 reduce input
+        return 4 * n / dp, 4 * n / dp, 8 * n / dp, cb * head + 3 * cb * layer + 4 * layer
     p, g, o = {"ddp": (1, 1, 1), "zero1": (1, 1, dp), "zero2": (1, dp, dp),
                "zero3": (dp, dp, dp)}[strategy]
     return 2 * n / p, 2 * n / g, 12 * n / o, (2 * cb * layer if strategy == "zero3" else 0.0)
@@ -128,16 +135,19 @@ def strategy_memory(m: ModelSpec, hw: HardwareSpec, strategy: str, *, dp: int, t
                         f"{', '.join(STRATEGIES)}")
     n = params_per_gpu(m, tp, pp, ep)
     # FSDP units: each decoder layer, and the embedding and head (one unit when tied)
-    unit = max(max(sum(layer_params(m, i)) for i in range(m.num_layers)), m.vocab_size * m.hidden_size)
-    layer = unit / tp
-    params, grads, optimizer, buffers = state_bytes(strategy, n, dp, layer, act_bytes)
+    layer = max(sum(layer_params(m, i)) for i in range(m.num_layers)) / tp
+    head = m.vocab_size * m.hidden_size / tp
+    if strategy == "fsdp2":
+        params, grads, optimizer, buffers = state_bytes(strategy, n, dp, layer, act_bytes, head)
+    else:
+        params, grads, optimizer, buffers = state_bytes(strategy, n, dp, max(layer, head), act_bytes)
     biggest = max(m.vocab_size * m.hidden_size, m.hidden_size * mlp_width(m)) / tp
     step_temps = 2 * 4 * biggest / (dp if strategy in ("zero1", "zero2", "zero3", "fsdp2") else 1)
     return StrategyMemory(
-        strategy, params, grads, optimizer, buffers + step_temps,
+        strategy, params, grads, optimizer, buffers,
         activation_bytes(m, seq_len, micro_batch, tp, False, act_bytes),
         activation_bytes(m, seq_len, micro_batch, tp, True, act_bytes),
-        hw.runtime_overhead_bytes, hw.memory_bytes * memory_utilization)
+        hw.runtime_overhead_bytes, hw.memory_bytes * memory_utilization, step_temps)
 
 
 @dataclass(frozen=True)
