@@ -84,7 +84,8 @@ def prefix_counters(port: int) -> tuple[float, float]:
     return vals.get("fleetlm:prefix_cache_hits_total", 0.0), vals.get("fleetlm:prefix_cache_queries_total", 0.0)
 
 
-async def one(client: httpx.AsyncClient, url: str, ids: list[int], max_tokens: int) -> tuple[float, int]:
+async def one(client: httpx.AsyncClient, url: str, ids: list[int], max_tokens: int) -> tuple[float, int, float]:
+    """(TTFT, tokens, TPOT) of one streamed request."""
     body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     t0, ttft, n = time.perf_counter(), None, 0
@@ -94,22 +95,42 @@ async def one(client: httpx.AsyncClient, url: str, ids: list[int], max_tokens: i
             if line.startswith("data: {"):
                 ttft = ttft if ttft is not None else time.perf_counter() - t0
                 n += 1
-    return ttft, n
+    return ttft, n, (time.perf_counter() - t0 - ttft) / max(1, n - 1)
+
+
+def send_offsets(n: int, rate: float, seed: int) -> list[float]:
+    """When each request is sent, from the first (what ``drive`` sleeps between them)."""
+    rng, t, out = random.Random(seed + 1), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def write_trace(path: str, a: argparse.Namespace) -> None:
+    """The run's requests as a ``fleetlm sim --trace`` file: send time, lengths, prefix group."""
+    prompts = workload(a.seed, a.groups, a.per_group, a.prefix, a.question)
+    groups: dict[tuple, int] = {}
+    with open(path, "w") as f:
+        for t, ids in zip(send_offsets(len(prompts), a.rate, a.seed), prompts):
+            g = groups.setdefault(tuple(ids[:a.prefix]), len(groups))
+            f.write(json.dumps({"timestamp": t, "input_len": len(ids), "output_len": a.max_tokens,
+                                "prefix_group": g, "prefix_len": a.prefix}) + "\n")
 
 
 async def drive(url: str, prompts: list[list[int]], rate: float, max_tokens: int, seed: int) -> dict:
-    rng = random.Random(seed + 1)
     async with httpx.AsyncClient(timeout=600) as client:
         t0 = time.perf_counter()
         tasks = []
-        for ids in prompts:
+        for ids, at in zip(prompts, send_offsets(len(prompts), rate, seed)):
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             tasks.append(asyncio.create_task(one(client, url, ids, max_tokens)))
-            await asyncio.sleep(rng.expovariate(rate))
         res = await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
-    ttfts = sorted(t for t, _ in res)
-    return {"ttft_p50_ms": 1e3 * ttfts[len(ttfts) // 2], "ttft_p99_ms": 1e3 * ttfts[int(len(ttfts) * 0.99)],
-            "output_tok_s": sum(n for _, n in res) / wall, "wall_s": wall, "requests": len(res)}
+    ttfts, tpots = sorted(t for t, _, _ in res), sorted(x for _, _, x in res)
+    return {"ttft_p50_ms": 1e3 * ttfts[len(ttfts) // 2], "ttft_p90_ms": 1e3 * ttfts[int(len(ttfts) * 0.9)],
+            "ttft_p99_ms": 1e3 * ttfts[int(len(ttfts) * 0.99)], "tpot_p50_ms": 1e3 * tpots[len(tpots) // 2],
+            "output_tok_s": sum(n for _, n, _ in res) / wall, "wall_s": wall, "requests": len(res)}
 
 
 def run(policy: str, a: argparse.Namespace) -> dict:
@@ -155,8 +176,11 @@ def main() -> None:
     p.add_argument("--kv-cache-memory", help="each replica's KV cache (e.g. 288MiB); default: the engine's")
     p.add_argument("--single-kv-cache-memory", help="KV cache of --policy single (e.g. the two replicas' sum)")
     p.add_argument("--label", help="key in --out (default: the policy)")
+    p.add_argument("--write-trace", metavar="PATH", help="only write the requests as a fleetlm sim trace")
     p.add_argument("--out")
     a = p.parse_args()
+    if a.write_trace:
+        return write_trace(a.write_trace, a)
     load = os.getloadavg()
     res = run(a.policy, a) | {"load_before": load, "load_after": os.getloadavg(), "rate": a.rate,
                               "kv_cache_memory": a.single_kv_cache_memory if a.policy == "single"
