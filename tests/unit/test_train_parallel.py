@@ -1,7 +1,8 @@
 """Every parallel layout equals one process over 5 steps of a tiny random Llama in float32:
 DDP (``replicate``), FSDP2 (``fully_shard``, ZeRO-3 and ZeRO-2-like, with activation
-checkpointing, and with torch.compile), TP=2, PP=2 (GPipe, 1F1B) on 2 gloo ranks; compile in one process; FSDP x TP and HSDP on 4; gradient
-accumulation in one process. Parameters are compared after gathering (FSDP shards, TP slices).
+checkpointing, and with torch.compile), TP=2, PP=2 (GPipe, 1F1B) on 2 gloo ranks; FSDP x TP
+and HSDP on 4; gradient accumulation and torch.compile in one process. Parameters are compared
+after gathering (FSDP shards, TP slices).
 
 Tolerance: rtol 2e-5 / atol 2e-6 on losses, rtol 1e-4 on gradient norms (AdamW is blind to a
 gradient's scale, so the norm is what catches a sum taken for a mean), atol 5e-5 on parameters
