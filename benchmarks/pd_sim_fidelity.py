@@ -57,7 +57,7 @@ def served(rate: float, seed: int, n: int, kv: str) -> dict:
                     pass
                 time.sleep(0.3)
             with tempfile.TemporaryDirectory() as tmp:
-                return bench(url, FLAGS, rate, seed, n, Path(tmp) / "bench.json")
+                return bench(url, [*FLAGS, "--model", "smollm2-135m-instruct"], rate, seed, n, Path(tmp) / "bench.json")
         finally:
             router.terminate()
             router.wait(10)
