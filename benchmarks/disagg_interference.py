@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -98,31 +99,41 @@ def colocated(args) -> dict:
         return asyncio.run(workload(srv.url, args))
 
 
-def disaggregated(args) -> dict:
+@contextmanager
+def pd_pair(worker_args: list[str], model: str = "smollm2-135m-instruct"):
+    """A prefill worker pinned to CPU 0 and a decode worker pinned to CPU 1 (tcp K/V transfer,
+    ``worker_args`` given to both), behind ``fleetlm router --pd``; yields the router's URL."""
     addr = f"127.0.0.1:{free_port()}"
     cfg = {"transport": "tcp", "handle_ttl_s": 120}
-    p = ServerProcess(["--num-threads", "1", "--dtype", args.dtype, "--kv-transfer-config",
-                       json.dumps({**cfg, "role": "producer", "address": addr})], model=args.model)
-    d = ServerProcess(["--num-threads", "1", "--dtype", args.dtype, "--kv-transfer-config",
-                       json.dumps({**cfg, "role": "consumer", "producers": [addr]})], model=args.model)
+    p = ServerProcess([*worker_args, "--kv-transfer-config", json.dumps({**cfg, "role": "producer", "address": addr})],
+                      model=model)
+    d = ServerProcess([*worker_args, "--kv-transfer-config",
+                       json.dumps({**cfg, "role": "consumer", "producers": [addr]})], model=model)
     p.cmd, d.cmd = ["taskset", "-c", "0", *p.cmd], ["taskset", "-c", "1", *d.cmd]
     with p, d:
         port = free_port()
         router = subprocess.Popen([sys.executable, "-m", "fleetlm.entrypoints.cli", "router", "--pd", "--port", str(port),
-                                   "--prefill", p.url, "--decode", d.url])
+                                   "--prefill", p.url, "--decode", d.url], stdout=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(100):
+            for _ in range(200):
                 try:
                     if httpx.get(url + "/health/ready").status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.3)
-            return asyncio.run(workload(url, args))
+            else:
+                raise TimeoutError(f"the P/D router at {url} never became ready")
+            yield url
         finally:
             router.terminate()
             router.wait(10)
+
+
+def disaggregated(args) -> dict:
+    with pd_pair(["--num-threads", "1", "--dtype", args.dtype], args.model) as url:
+        return asyncio.run(workload(url, args))
 
 
 def main() -> None:

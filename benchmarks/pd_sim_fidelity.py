@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.disagg_interference import pd_pair  # noqa: E402
 from benchmarks.sim_fidelity import bench  # noqa: E402
 from benchmarks.sim_steplog import arrivals_for  # noqa: E402
-from tests.server_utils import ServerProcess, free_port  # noqa: E402
 
 FLAGS = ["--dataset-name", "random", "--random-input-len", "512", "--random-output-len", "64",
          "--random-range-ratio", "0"]
@@ -37,30 +33,9 @@ KEYS = (("median_ttft_ms", "TTFT p50"), ("p90_ttft_ms", "TTFT p90"), ("median_tp
 
 
 def served(rate: float, seed: int, n: int, kv: str) -> dict:
-    addr = f"127.0.0.1:{free_port()}"
-    cfg = {"transport": "tcp", "handle_ttl_s": 120}
-    common = ["--num-threads", "1", "--kv-cache-memory", kv, "--max-num-seqs", "64"]
-    p = ServerProcess([*common, "--kv-transfer-config", json.dumps({**cfg, "role": "producer", "address": addr})])
-    d = ServerProcess([*common, "--kv-transfer-config", json.dumps({**cfg, "role": "consumer", "producers": [addr]})])
-    p.cmd, d.cmd = ["taskset", "-c", "0", *p.cmd], ["taskset", "-c", "1", *d.cmd]
-    with p, d:
-        port = free_port()
-        router = subprocess.Popen([sys.executable, "-m", "fleetlm.router.pd", "--port", str(port),
-                                   "--prefill", p.url, "--decode", d.url], stdout=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(200):
-                try:
-                    if httpx.get(url + "/health/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
-            with tempfile.TemporaryDirectory() as tmp:
-                return bench(url, [*FLAGS, "--model", "smollm2-135m-instruct"], rate, seed, n, Path(tmp) / "bench.json")
-        finally:
-            router.terminate()
-            router.wait(10)
+    with pd_pair(["--num-threads", "1", "--kv-cache-memory", kv, "--max-num-seqs", "64"]) as url:
+        with tempfile.TemporaryDirectory() as tmp:  # the P/D router has no /v1/models: name the model
+            return bench(url, [*FLAGS, "--model", "smollm2-135m-instruct"], rate, seed, n, Path(tmp) / "bench.json")
 
 
 def simulated(profile, rate: float, seed: int, n: int, bandwidth: float) -> dict:

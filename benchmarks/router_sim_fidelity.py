@@ -60,7 +60,7 @@ def main() -> None:
                                               "median_ttft_ms": single["ttft_p50_ms"]})
     out = {"calibration": {"run": "single_540MiB", "serve_per_token_s": tuned.serve_per_token_s,
                            "frontend_s": tuned.frontend_s}, "rows": {}}
-    two = replace(tuned.with_engine(num_blocks=a.num_blocks))
+    two = tuned.with_engine(num_blocks=a.num_blocks)
     for label, run in measured.items():
         if label == "single_540MiB":
             continue

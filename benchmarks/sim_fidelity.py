@@ -238,6 +238,7 @@ def main() -> int:
            "num_prompts": args.num_prompts, "machine": platform.processor() or platform.machine(),
            "calibration": calib, "scenarios": scen}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    Path(args.out + ".partial").unlink(missing_ok=True)  # the crash copy (for --compare-only) is not needed now
     print(table(scen))
     print(diagnosis_table(scen))
     return 0

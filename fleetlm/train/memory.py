@@ -32,7 +32,6 @@ class TensorMemoryTrace:
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self.peak = 0  # during the window(s)
         self.live_at_window = 0  # at the start of the first window
-        self.live_at_end = 0
 
     def __enter__(self) -> TensorMemoryTrace:
         self._prof.__enter__()
@@ -66,4 +65,3 @@ class TensorMemoryTrace:
             if any(a <= t <= b for a, b in spans):
                 self.peak = max(self.peak, live)
         self.live_at_window = live if first is None else first
-        self.live_at_end = live
